@@ -1,0 +1,301 @@
+"""Typed, frozen configuration loaded from TOML and validated at start.
+
+Precedence: built-in defaults, then the file. An unknown key, a wrong type or a bad value raises
+:class:`~sidecar.errors.ConfigError` naming the dotted key (``server.socket_mode``), so start-up
+stops with a message an operator can act on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import sys
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sidecar.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+CONFIG_ENV = "KMS_SIDECAR_CONFIG"
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(value: str | int | float) -> float:
+    """Seconds in ``value``: a number of seconds, or a string such as ``"90s"``, ``"5m"``, ``"1h"``.
+
+    Raises ``ValueError`` for anything else, including negative numbers.
+    """
+    if isinstance(value, bool):
+        raise ValueError("expected a duration")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(value)
+        if not match:
+            raise ValueError(f"expected a duration like '90s', '5m' or '1h', got {value!r}")
+        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return seconds
+
+
+def _duration(default: str) -> Any:
+    return field(default=parse_duration(default), metadata={"duration": True})
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    socket: str = "/run/kms-sidecar/sidecar.sock"
+    socket_mode: str = "0660"
+    socket_group: str = ""
+    max_body_bytes: int = 1_048_576
+    max_plaintext_bytes: int = 65_536
+    max_batch_items: int = 1000
+    tcp_address: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
+    drain_timeout: float = _duration("10s")
+
+    @property
+    def socket_mode_bits(self) -> int:
+        return int(self.socket_mode, 8)
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    peercred: bool = True
+    jwt_issuer: str = ""
+    jwt_audiences: tuple[str, ...] = ()
+    jwt_jwks_file: str = ""
+    jwt_jwks_url: str = ""
+    jwt_public_keys: tuple[str, ...] = ()
+    jwt_algorithms: tuple[str, ...] = ("RS256", "ES256", "EdDSA")
+    jwt_leeway: float = _duration("30s")
+
+    @property
+    def jwt_enabled(self) -> bool:
+        return bool(self.jwt_jwks_file or self.jwt_jwks_url or self.jwt_public_keys)
+
+
+@dataclass(frozen=True)
+class VaultConfig:
+    addresses: tuple[str, ...] = ("http://127.0.0.1:8200",)
+    mount: str = "transit"
+    auth_method: str = "token"
+    token_env: str = "VAULT_TOKEN"
+    token_file: str = ""
+    role_id: str = ""
+    secret_id_file: str = ""
+    auth_mount: str = ""
+    role: str = ""
+    jwt_file: str = ""
+    timeout: float = _duration("5s")
+    ca_file: str = ""
+    max_concurrency: int = 16
+
+
+@dataclass(frozen=True)
+class Pkcs11Config:
+    module: str = "/usr/lib/softhsm/libsofthsm2.so"
+    token_label: str = "kms"
+    pin_env: str = "KMS_HSM_PIN"
+    pin_file: str = ""
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    type: str = "vault"
+    vault: VaultConfig = field(default_factory=VaultConfig)
+    pkcs11: Pkcs11Config = field(default_factory=Pkcs11Config)
+
+
+@dataclass(frozen=True)
+class KeyConfig:
+    root_key: str = ""
+    kek_ttl: float = _duration("1h")
+    kek_max_uses: int = 1 << 20
+    upstream_grace: float = _duration("5m")
+    root_poll_interval: float = _duration("30s")
+    expiry_leeway: float = _duration("5s")
+
+
+@dataclass(frozen=True)
+class PoliciesConfig:
+    dir: str = "policies"
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    path: str = ""
+    hmac_key_env: str = "KMS_AUDIT_HMAC_KEY"
+    fail_closed: bool = True
+    max_file_bytes: int = 100 * 1_048_576
+
+
+@dataclass(frozen=True)
+class TelemetryConfig:
+    service_name: str = "kms-sidecar"
+    otlp_endpoint: str = ""
+    log_format: str = "text"
+    log_level: str = "INFO"
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration. Build it with :func:`load_config` or :func:`config_from_mapping`."""
+
+    server: ServerConfig = field(default_factory=ServerConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    keys: Mapping[str, KeyConfig] = field(default_factory=dict)
+    policies: PoliciesConfig = field(default_factory=PoliciesConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    #: The directory relative paths in the file are resolved against.
+    base_dir: str = field(default=".", metadata={"internal": True})
+
+    def root_key_name(self, key_name: str) -> str:
+        """The key's name upstream or in the HSM (``root_key``, defaulting to the API name)."""
+        return self.keys[key_name].root_key or key_name
+
+    def resolve_path(self, path: str) -> str:
+        """``path`` made absolute against the config file's directory; "" stays ""."""
+        if not path:
+            return path
+        return str(Path(self.base_dir, os.path.expanduser(path)))
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate the TOML file at ``path``. Raises ``ConfigError``."""
+    try:
+        with open(path, "rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {os.fspath(path)!r} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {os.fspath(path)!r} is not valid TOML: {exc}") from None
+    return config_from_mapping(raw, base_dir=str(Path(path).resolve().parent))
+
+
+def config_from_mapping(raw: Mapping[str, Any], *, base_dir: str = ".") -> Config:
+    """Validate a parsed TOML document into a :class:`Config`. Raises ``ConfigError``."""
+    config = _build(Config, raw, "")
+    config = dataclasses.replace(config, base_dir=base_dir)
+    _validate(config)
+    return config
+
+
+_T = TypeVar("_T")
+
+
+def _build(cls: type[_T], raw: Any, path: str) -> _T:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{path or 'config'}: expected a table")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}  # type: ignore[arg-type]
+    for key in raw:
+        if key not in fields:
+            raise ConfigError(f"{_join(path, key)}: unknown key")
+    values = {
+        name: _convert(hints[name], raw[name], _join(path, name), f.metadata.get("duration", False))
+        for name, f in fields.items()
+        if name in raw
+    }
+    return cls(**values)
+
+
+def _convert(hint: Any, value: Any, path: str, duration: bool) -> Any:
+    origin = typing.get_origin(hint)
+    if duration:
+        try:
+            return parse_duration(value)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, path)  # type: ignore[arg-type]
+    if origin in (Mapping, dict):
+        _, value_type = typing.get_args(hint)
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path}: expected a table")
+        return {k: _convert(value_type, v, _join(path, k), False) for k, v in value.items()}
+    if origin is tuple:
+        (item_type, _) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list of {item_type.__name__}")
+        return tuple(_convert(item_type, v, f"{path}[{i}]", False) for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):  # pragma: no cover - no optional keys yet
+        raise ConfigError(f"{path}: unsupported type")
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is bool and not isinstance(value, bool) or not isinstance(value, hint):
+        raise ConfigError(f"{path}: expected {_type_name(hint)}, got {_type_name(type(value))}")
+    if hint is int and isinstance(value, bool):
+        raise ConfigError(f"{path}: expected an integer, got a boolean")
+    return value
+
+
+def _type_name(t: Any) -> str:
+    return {str: "a string", int: "an integer", bool: "a boolean", float: "a number"}.get(
+        t, getattr(t, "__name__", str(t))
+    )
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+_KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def _validate(config: Config) -> None:
+    server = config.server
+    if not re.fullmatch(r"0?[0-7]{3}", server.socket_mode):
+        raise ConfigError("server.socket_mode: expected an octal mode such as '0660'")
+    if server.socket_mode_bits & 0o007:
+        raise ConfigError("server.socket_mode: the socket must not be open to other users")
+    for name in ("max_body_bytes", "max_plaintext_bytes", "max_batch_items"):
+        if getattr(server, name) <= 0:
+            raise ConfigError(f"server.{name}: must be positive")
+    if server.tcp_address:
+        host, _, port = server.tcp_address.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError("server.tcp_address: expected HOST:PORT such as '127.0.0.1:8443'")
+        for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file"):
+            if not getattr(server, name):
+                raise ConfigError(f"server.{name}: required when server.tcp_address is set")
+    if config.backend.type not in ("vault", "pkcs11"):
+        raise ConfigError("backend.type: expected 'vault' or 'pkcs11'")
+    vault = config.backend.vault
+    if config.backend.type == "vault":
+        if not vault.addresses:
+            raise ConfigError("backend.vault.addresses: at least one address is required")
+        for i, address in enumerate(vault.addresses):
+            if not re.match(r"^https?://", address):
+                raise ConfigError(f"backend.vault.addresses[{i}]: expected an http(s):// URL")
+        if vault.auth_method not in ("token", "approle", "jwt"):
+            raise ConfigError("backend.vault.auth_method: expected 'token', 'approle' or 'jwt'")
+        if vault.max_concurrency <= 0:
+            raise ConfigError("backend.vault.max_concurrency: must be positive")
+    for name, key in config.keys.items():
+        if not _KEY_NAME.match(name):
+            raise ConfigError(f"keys.{name}: key names are letters, digits, '_', '.' and '-'")
+        if key.kek_max_uses <= 0:
+            raise ConfigError(f"keys.{name}.kek_max_uses: must be positive")
+        if key.kek_ttl <= 0:
+            raise ConfigError(f"keys.{name}.kek_ttl: must be positive")
+        if key.root_poll_interval <= 0:
+            raise ConfigError(f"keys.{name}.root_poll_interval: must be positive")
+    if config.telemetry.log_format not in ("text", "json"):
+        raise ConfigError("telemetry.log_format: expected 'text' or 'json'")
