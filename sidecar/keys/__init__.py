@@ -1,0 +1,1 @@
+"""The key hierarchy: blobs (``envelope``) and the KEKs that seal them (``keyring``)."""

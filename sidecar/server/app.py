@@ -1,0 +1,398 @@
+"""The aiohttp application: every route, one middleware, Vault-shaped bodies.
+
+Every route is declared in :data:`ROUTES` with the policy operation it performs. The middleware
+authenticates each request; each keyed handler authorizes each item (of a batch, too) before it
+runs. A route without an operation is refused at build time unless it is in :data:`UNGUARDED`.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import uuid
+import weakref
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from sidecar.config import Config
+from sidecar.errors import (
+    InternalError,
+    InvalidRequest,
+    MethodNotAllowed,
+    PayloadTooLarge,
+    PermissionDenied,
+    SidecarError,
+    UnknownPath,
+)
+from sidecar.identity import Identity, PeerCredentials
+from sidecar.keys.keyring import Keyring
+from sidecar.server import fields
+from sidecar.server.errors import error_body, error_response, status_for
+from sidecar.server.peer import read_peer_credentials
+
+log = logging.getLogger(__name__)
+
+#: Routes reachable without authentication or a policy check, by explicit choice.
+UNGUARDED = frozenset({"/v1/sys/health", "/metrics"})
+
+
+class Authenticator(Protocol):
+    """Turns a request's credentials into an :class:`Identity`; raises ``Unauthenticated``."""
+
+    async def identify(self, peer: PeerCredentials | None, token: str | None) -> Identity: ...
+
+
+class Authorizer(Protocol):
+    """Allows or refuses one operation; raises ``PermissionDenied`` or ``RateLimited``.
+
+    Returns the name of the rule that allowed it, for the audit trail.
+    """
+
+    def authorize(
+        self,
+        identity: Identity,
+        *,
+        key: str | None,
+        operation: str,
+        context: Mapping[str, str] | None = None,
+        ttl: float | None = None,
+    ) -> str: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    """What handlers use, kept in the app under :data:`SERVICES`."""
+
+    config: Config
+    keyring: Keyring
+    authenticator: Authenticator
+    authorizer: Authorizer
+
+
+SERVICES = web.AppKey("services", Services)
+_IDENTITY = "kms.identity"
+_REQUEST_ID = "kms.request_id"
+
+
+@dataclass(slots=True)
+class Call:
+    """One authenticated request to a keyed route."""
+
+    services: Services
+    identity: Identity
+    key: str
+    operation: str
+
+    def authorize(
+        self, context: Mapping[str, str] | None = None, ttl: float | None = None
+    ) -> str:
+        return self.services.authorizer.authorize(
+            self.identity, key=self.key, operation=self.operation, context=context, ttl=ttl
+        )
+
+
+ItemHandler = Callable[[Call, Mapping[str, Any]], Awaitable[dict[str, Any]]]
+
+
+# -- keyed operations (each runs once per item of a batch) ---------------------------------
+
+
+async def _datakey(call: Call, item: Mapping[str, Any]) -> dict[str, Any]:
+    context, ttl = fields.context_field(item), fields.ttl_field(item)
+    call.authorize(context, ttl)
+    key = await call.services.keyring.generate_data_key(
+        call.key,
+        bits=fields.bits_field(item),
+        context=context,
+        associated_data=fields.base64_field(item, "associated_data"),
+        ttl=ttl,
+    )
+    data: dict[str, Any] = {
+        "ciphertext": key.blob,
+        "key_version": key.root_version,
+        "expires_at": key.expires_at,
+    }
+    if call.operation == "datakey":
+        data["plaintext"] = base64.b64encode(key.plaintext).decode()
+    return data
+
+
+async def _encrypt(call: Call, item: Mapping[str, Any]) -> dict[str, Any]:
+    context, ttl = fields.context_field(item), fields.ttl_field(item)
+    plaintext = fields.plaintext_field(item, call.services.config.server.max_plaintext_bytes)
+    call.authorize(context, ttl)
+    sealed = await call.services.keyring.encrypt(
+        call.key,
+        plaintext,
+        context=context,
+        associated_data=fields.base64_field(item, "associated_data"),
+        ttl=ttl,
+    )
+    return {"ciphertext": sealed.blob, "key_version": sealed.root_version, "expires_at": sealed.expires_at}
+
+
+async def _decrypt(call: Call, item: Mapping[str, Any]) -> dict[str, Any]:
+    context = fields.context_field(item)
+    ciphertext = fields.string_field(item, "ciphertext")
+    call.authorize(context)
+    plaintext = await call.services.keyring.decrypt(
+        call.key,
+        ciphertext,
+        context=context,
+        associated_data=fields.base64_field(item, "associated_data"),
+    )
+    return {"plaintext": base64.b64encode(plaintext).decode()}
+
+
+async def _rewrap(call: Call, item: Mapping[str, Any]) -> dict[str, Any]:
+    context = fields.context_field(item)
+    ciphertext = fields.string_field(item, "ciphertext")
+    call.authorize(context)
+    sealed = await call.services.keyring.rewrap(
+        call.key,
+        ciphertext,
+        context=context,
+        associated_data=fields.base64_field(item, "associated_data"),
+    )
+    return {"ciphertext": sealed.blob, "key_version": sealed.root_version}
+
+
+async def _read_key(call: Call, item: Mapping[str, Any]) -> dict[str, Any]:
+    call.authorize()
+    info = await call.services.keyring.key_info(call.key)
+    return _key_metadata(call, info)
+
+
+async def _rotate(call: Call, item: Mapping[str, Any]) -> dict[str, Any]:
+    call.authorize()
+    info = await call.services.keyring.rotate(call.key)
+    return _key_metadata(call, info)
+
+
+def _key_metadata(call: Call, info: Any) -> dict[str, Any]:
+    keyring = call.services.keyring
+    symmetric = info.key_type == "aes256"
+    versions = range(info.min_decryption_version, info.latest_version + 1)
+    return {
+        "name": call.key,
+        "type": info.key_type,
+        "latest_version": info.latest_version,
+        "min_decryption_version": info.min_decryption_version,
+        "min_encryption_version": 0,
+        "keys": {
+            str(v): {"public_key": info.public_keys[v]} if v in info.public_keys else 1
+            for v in versions
+        },
+        "supports_encryption": symmetric,
+        "supports_decryption": symmetric,
+        "supports_derivation": False,
+        "supports_signing": not symmetric,
+        "exportable": False,
+        "deletion_allowed": bool(info.extra.get("deletion_allowed", False)),
+        "backend": keyring.backend.kind,
+        "root_key": info.name,
+        "kek": keyring.status()["keys"][call.key],
+    }
+
+
+def _keyed(operation: str, run: ItemHandler, *, batch: bool) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """A route handler that authorizes and runs ``run`` for the request, or each batch item."""
+
+    async def handler(request: web.Request) -> web.Response:
+        services = request.app[SERVICES]
+        call = Call(services, request[_IDENTITY], request.match_info["name"], operation)
+        body = fields.parse_body(await request.read()) if request.can_read_body else {}
+        items = fields.batch_items(body, services.config.server.max_batch_items) if batch else None
+        if items is None:
+            return _data_response(request, await run(call, body))
+        results = []
+        for item in items:
+            try:
+                results.append(await run(call, item))
+            except SidecarError as exc:
+                results.append({"error": exc.message, "code": exc.code})
+        return _data_response(request, {"batch_results": results})
+
+    handler.operation = operation  # type: ignore[attr-defined]
+    return handler
+
+
+# -- sidecar routes ------------------------------------------------------------------------
+
+
+async def _status(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    services.authorizer.authorize(request[_IDENTITY], key=None, operation="status")
+    body = {
+        "version": _version(),
+        "backend": dict(services.keyring.backend.status()),
+        **services.keyring.status(),
+    }
+    return _data_response(request, body)
+
+
+async def _flush(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    body = fields.parse_body(await request.read()) if request.can_read_body else {}
+    key = body.get("key")
+    if key is not None and not isinstance(key, str):
+        raise InvalidRequest("Field 'key' must be a key name.")
+    services.authorizer.authorize(request[_IDENTITY], key=key, operation="flush")
+    if key is not None and not services.keyring.has_key(key):
+        raise PermissionDenied()
+    dropped = services.keyring.flush(key)
+    log.info("cache flushed for %s: %d KEKs dropped", key or "all keys", dropped)
+    return _data_response(request, {"flushed": key or "*", "keks_dropped": dropped})
+
+
+async def _health(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    keyring = services.keyring
+    keys = {name: keyring.key_state(name) for name in keyring.key_names()}
+    upstream = dict(keyring.backend.status())
+    ready = bool(keys) and any(state != "unavailable" for state in keys.values())
+    body = {
+        "initialized": True,
+        "sealed": False,
+        "standby": False,
+        "ready": ready,
+        "version": _version(),
+        "keys": keys,
+        "upstream": {"kind": upstream.get("kind"), "state": upstream.get("state")},
+    }
+    if not keys:
+        body["reason"] = "No keys are configured."
+    elif not ready:
+        body["reason"] = "No key can be issued: the key backend is unavailable."
+    return web.json_response(body, status=200 if ready else 503)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One entry of the route table. ``operation`` is what the policy check sees."""
+
+    methods: tuple[str, ...]
+    path: str
+    handler: Callable[[web.Request], Awaitable[web.Response]]
+    operation: str | None
+
+
+_WRITE = ("POST", "PUT")
+
+ROUTES: tuple[Route, ...] = (
+    Route(_WRITE, "/v1/transit/datakey/plaintext/{name}", _keyed("datakey", _datakey, batch=True), "datakey"),
+    Route(_WRITE, "/v1/transit/datakey/wrapped/{name}", _keyed("datakey-wrapped", _datakey, batch=True), "datakey-wrapped"),
+    Route(_WRITE, "/v1/transit/encrypt/{name}", _keyed("encrypt", _encrypt, batch=True), "encrypt"),
+    Route(_WRITE, "/v1/transit/decrypt/{name}", _keyed("decrypt", _decrypt, batch=True), "decrypt"),
+    Route(_WRITE, "/v1/transit/rewrap/{name}", _keyed("rewrap", _rewrap, batch=True), "rewrap"),
+    Route(("GET",), "/v1/transit/keys/{name}", _keyed("read", _read_key, batch=False), "read"),
+    Route(_WRITE, "/v1/transit/keys/{name}/rotate", _keyed("rotate", _rotate, batch=False), "rotate"),
+    Route(("GET",), "/v1/sidecar/status", _status, "status"),
+    Route(_WRITE, "/v1/sidecar/cache/flush", _flush, "flush"),
+    Route(("GET",), "/v1/sys/health", _health, None),
+)
+
+
+# -- middleware and responses --------------------------------------------------------------
+
+
+def _new_request_id() -> str:
+    return str(uuid.UUID(bytes=os.urandom(16), version=4))
+
+
+def _data_response(request: web.Request, data: Mapping[str, Any]) -> web.Response:
+    body = {
+        "request_id": request[_REQUEST_ID],
+        "lease_id": "",
+        "renewable": False,
+        "lease_duration": 0,
+        "data": data,
+        "wrap_info": None,
+        "warnings": None,
+        "auth": None,
+    }
+    return web.Response(body=json.dumps(body).encode(), content_type="application/json")
+
+
+def _bearer(request: web.Request) -> str | None:
+    auth = request.headers.get("Authorization")
+    if auth and auth[:7].lower() == "bearer ":
+        return auth[7:].strip() or None
+    return request.headers.get("X-Vault-Token") or None
+
+
+_HTTP_ERRORS: dict[int, type[SidecarError]] = {
+    404: UnknownPath,
+    405: MethodNotAllowed,
+    413: PayloadTooLarge,
+}
+
+
+def _make_middleware(
+    peers: weakref.WeakKeyDictionary[Any, PeerCredentials | None],
+) -> Callable[..., Awaitable[web.StreamResponse]]:
+    import time
+
+    @web.middleware
+    async def middleware(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        request_id = request[_REQUEST_ID] = _new_request_id()
+        try:
+            if request.path in UNGUARDED:
+                return await handler(request)
+            transport = request.transport
+            try:
+                peer = peers[transport]
+            except KeyError:
+                sock = transport.get_extra_info("socket") if transport else None
+                peer = read_peer_credentials(sock, connected_at=time.time()) if sock else None
+                if transport is not None:
+                    peers[transport] = peer
+            services = request.app[SERVICES]
+            request[_IDENTITY] = await services.authenticator.identify(peer, _bearer(request))
+            return await handler(request)
+        except SidecarError as exc:
+            return error_response(exc, request_id)
+        except web.HTTPException as exc:
+            mapped = _HTTP_ERRORS.get(exc.status)
+            if mapped is None:
+                raise
+            if mapped is PayloadTooLarge:
+                limit = request.app[SERVICES].config.server.max_body_bytes
+                return error_response(mapped(f"The request body exceeds {limit} bytes."), request_id)
+            return error_response(mapped(), request_id)
+        except Exception:
+            log.exception("internal error in %s %s (request %s)", request.method, request.path, request_id)
+            return error_response(InternalError(), request_id)
+
+    return middleware
+
+
+def build_app(services: Services) -> web.Application:
+    """The application for ``services``, with every route of :data:`ROUTES`."""
+    app = web.Application(
+        middlewares=[_make_middleware(weakref.WeakKeyDictionary())],
+        client_max_size=services.config.server.max_body_bytes,
+    )
+    app[SERVICES] = services
+    for route in ROUTES:
+        if route.operation is None and route.path not in UNGUARDED:
+            raise RuntimeError(f"route {route.path} has no policy operation")
+        for method in route.methods:
+            app.router.add_route(method, route.path, route.handler)
+    return app
+
+
+def _version() -> str:
+    from sidecar import __version__
+
+    return __version__
+
+
+__all__ = ["ROUTES", "SERVICES", "UNGUARDED", "Authenticator", "Authorizer", "Services", "build_app", "error_body", "status_for"]
