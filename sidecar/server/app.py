@@ -75,8 +75,8 @@ class Services:
 
 
 SERVICES = web.AppKey("services", Services)
-_IDENTITY = "kms.identity"
-_REQUEST_ID = "kms.request_id"
+_IDENTITY = web.RequestKey("identity", Identity)
+_REQUEST_ID = web.RequestKey("request_id", str)
 
 
 @dataclass(slots=True)

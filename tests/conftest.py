@@ -1,0 +1,152 @@
+"""Fixtures shared by every test folder: a real sidecar on a real Unix socket."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sidecar.backends.base import RootKeyBackend
+from sidecar.config import Config, config_from_mapping
+from sidecar.server.run import serve
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """``http.client`` over a Unix socket, so tests need nothing but the standard library."""
+
+    def __init__(self, path: str, timeout: float = 30.0) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self._path)
+        self.sock = sock
+
+
+class Response:
+    def __init__(self, status: int, headers: dict[str, str], raw: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.raw = raw
+        self.json: Any = json.loads(raw) if raw else None
+
+    @property
+    def data(self) -> Any:
+        return self.json["data"]
+
+    @property
+    def code(self) -> str | None:
+        return self.json.get("code") if isinstance(self.json, dict) else None
+
+    def __repr__(self) -> str:
+        return f"Response({self.status}, {self.raw[:300]!r})"
+
+
+def request(
+    socket_path: str,
+    method: str,
+    path: str,
+    body: Any = None,
+    *,
+    raw: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    """One HTTP request over the socket. ``body`` is sent as JSON; ``raw`` as given."""
+    conn = UnixHTTPConnection(socket_path)
+    try:
+        payload = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        conn.request(method, path, body=payload, headers=headers or {})
+        resp = conn.getresponse()
+        return Response(resp.status, dict(resp.getheaders()), resp.read())
+    finally:
+        conn.close()
+
+
+class RunningSidecar:
+    """A sidecar served on its own event loop in a thread, over a real Unix socket."""
+
+    def __init__(self, config: Config, backend: RootKeyBackend | None = None) -> None:
+        self.config = config
+        self.socket = config.server.socket
+        self._backend = backend
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, daemon=True)
+
+    def _main(self) -> None:
+        async def main() -> None:
+            self._loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            await serve(
+                self.config, backend=self._backend, stop=self._stop, on_ready=lambda _: self._ready.set()
+            )
+
+        try:
+            asyncio.run(main())
+        except BaseException as exc:  # reported by start()/stop()
+            self._error = exc
+            self._ready.set()
+
+    def start(self) -> RunningSidecar:
+        self._thread.start()
+        if not self._ready.wait(30):
+            raise TimeoutError("sidecar did not become ready")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def request(self, method: str, path: str, body: Any = None, **kwargs: Any) -> Response:
+        return request(self.socket, method, path, body, **kwargs)
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(30)
+        if self._error is not None and not isinstance(self._error, SystemExit):
+            raise self._error
+
+
+def sidecar_config(socket_path: Path, **sections: Any) -> Config:
+    """A config with the socket at ``socket_path`` and the given sections merged in."""
+    raw: dict[str, Any] = {"server": {"socket": str(socket_path), "socket_mode": "0600"}}
+    for name, value in sections.items():
+        raw.setdefault(name, {}).update(value)
+    return config_from_mapping(raw)
+
+
+@pytest.fixture
+def short_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A short temporary directory: Unix socket paths are limited to 107 bytes."""
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="kms-"))
+    yield path  # type: ignore[misc]
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def run_sidecar() -> Iterator[Any]:
+    """Start sidecars with ``run_sidecar(config, backend=None)``; all are stopped afterwards."""
+    started: list[RunningSidecar] = []
+
+    def start(config: Config, backend: RootKeyBackend | None = None) -> RunningSidecar:
+        sidecar = RunningSidecar(config, backend).start()
+        started.append(sidecar)
+        return sidecar
+
+    yield start
+    for sidecar in started:
+        sidecar.stop()

@@ -1,0 +1,99 @@
+"""Configuration: a bad key, type or value stops start-up naming its dotted path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sidecar.cli import main
+from sidecar.config import config_from_mapping, load_config, parse_duration
+from sidecar.errors import ConfigError
+
+FULL = """
+[server]
+socket = "/run/kms-sidecar/sidecar.sock"
+socket_mode = "0660"
+max_body_bytes = 1048576
+
+[auth]
+jwt_audiences = ["kms"]
+jwt_leeway = "30s"
+
+[backend]
+type = "vault"
+
+[backend.vault]
+addresses = ["http://127.0.0.1:8200", "http://127.0.0.1:8202"]
+timeout = "5s"
+
+[keys.payments]
+root_key = "payments-root"
+kek_ttl = "1h"
+kek_max_uses = 1048576
+upstream_grace = "5m"
+
+[keys.default]
+
+[audit]
+path = ""
+"""
+
+
+def test_full_design_example_loads(tmp_path: Path) -> None:
+    path = tmp_path / "sidecar.toml"
+    path.write_text(FULL)
+    config = load_config(path)
+    assert config.keys["payments"].kek_ttl == 3600.0
+    assert config.keys["payments"].upstream_grace == 300.0
+    assert config.root_key_name("payments") == "payments-root"
+    assert config.root_key_name("default") == "default"
+    assert config.backend.vault.addresses == ("http://127.0.0.1:8200", "http://127.0.0.1:8202")
+    assert config.server.socket_mode_bits == 0o660
+    with pytest.raises(AttributeError):
+        config.server.socket = "/elsewhere"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"server": {"sokcet": "/x"}}, "server.sokcet: unknown key"),
+        ({"nonsense": {}}, "nonsense: unknown key"),
+        ({"server": {"max_body_bytes": "1MB"}}, "server.max_body_bytes: expected an integer"),
+        ({"server": {"max_body_bytes": True}}, "server.max_body_bytes: expected an integer"),
+        ({"server": {"socket_mode": "0666"}}, "server.socket_mode: the socket must not be open"),
+        ({"server": {"socket_mode": "rw"}}, "server.socket_mode: expected an octal mode"),
+        ({"auth": {"peercred": "yes"}}, "auth.peercred: expected a boolean"),
+        ({"auth": {"jwt_audiences": "kms"}}, "auth.jwt_audiences: expected a list"),
+        ({"auth": {"jwt_leeway": "soon"}}, "auth.jwt_leeway: expected a duration"),
+        ({"backend": {"type": "aws"}}, "backend.type: expected 'vault' or 'pkcs11'"),
+        ({"backend": {"vault": {"addresses": ["127.0.0.1:8200"]}}}, "backend.vault.addresses[0]"),
+        ({"keys": {"payments": {"kek_ttl": 5, "kek_max_uses": 0}}}, "keys.payments.kek_max_uses"),
+        ({"keys": {"payments": {"colour": "red"}}}, "keys.payments.colour: unknown key"),
+        ({"keys": {"bad name": {}}}, "keys.bad name: key names"),
+        ({"server": {"tcp_address": "127.0.0.1:8443"}}, "server.tls_cert_file: required"),
+    ],
+)
+def test_bad_config_names_the_key(raw: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        config_from_mapping(raw)
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("90s", 90), ("5m", 300), ("1h", 3600), (15, 15), ("250ms", 0.25)])
+def test_durations(text: str | int, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+def test_check_config_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text(FULL)
+    assert main(["check-config", "--config", str(good)]) == 0
+    assert "configuration OK" in capsys.readouterr().out
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[server]\nmax_body_bytes = 'lots'\n")
+    assert main(["check-config", "--config", str(bad)]) == 2
+    assert "server.max_body_bytes" in capsys.readouterr().err
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[server\n")
+    assert main(["check-config", "--config", str(broken)]) == 2
+    assert "not valid TOML" in capsys.readouterr().err

@@ -1,0 +1,197 @@
+"""The keyring over the in-memory backend, with an injected clock: no sleeping, no services."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from sidecar.backends.memory import MemoryBackend
+from sidecar.config import KeyConfig
+from sidecar.errors import DecryptionFailed, InvalidRequest, PermissionDenied, UpstreamUnavailable
+from sidecar.keys.keyring import Keyring
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def backend() -> MemoryBackend:
+    return MemoryBackend({"payments": "aes256", "other": "aes256"})
+
+
+def make_keyring(backend: MemoryBackend, clock: Clock, **key: object) -> Keyring:
+    config = KeyConfig(**{"kek_ttl": 3600.0, "upstream_grace": 300.0, **key})  # type: ignore[arg-type]
+    return Keyring(backend, {"payments": (config, "payments"), "other": (config, "other")}, now=clock)
+
+
+async def test_ten_thousand_issuances_cost_one_kek_fetch(backend: MemoryBackend, clock: Clock) -> None:
+    keyring = make_keyring(backend, clock)
+    keys = [await keyring.generate_data_key("payments") for _ in range(10_000)]
+    assert backend.calls["generate_kek"] == 1
+    assert len({k.plaintext for k in keys}) == 10_000
+    assert await keyring.decrypt("payments", keys[-1].blob) == keys[-1].plaintext
+    assert backend.calls["unwrap_kek"] == 0
+
+
+async def test_concurrent_first_requests_share_one_fetch(clock: Clock) -> None:
+    backend = MemoryBackend({"payments": "aes256", "other": "aes256"}, delay=0.01)
+    keyring = make_keyring(backend, clock)
+    await asyncio.gather(*(keyring.generate_data_key("payments") for _ in range(100)))
+    assert backend.calls["generate_kek"] == 1
+
+
+async def test_kek_rotates_by_age_and_old_blobs_still_open(backend: MemoryBackend, clock: Clock) -> None:
+    keyring = make_keyring(backend, clock)
+    old = await keyring.generate_data_key("payments")
+    clock.now += 3601
+    new = await keyring.generate_data_key("payments")
+    assert new.kek_id != old.kek_id
+    assert backend.calls["generate_kek"] == 2
+    assert await keyring.decrypt("payments", old.blob) == old.plaintext
+
+
+async def test_kek_rotates_by_uses_with_prefetch(backend: MemoryBackend, clock: Clock) -> None:
+    keyring = make_keyring(backend, clock, kek_max_uses=10)
+    first = [await keyring.generate_data_key("payments") for _ in range(10)]
+    await asyncio.sleep(0)  # let the prefetch started at 80% of the budget finish
+    assert backend.calls["generate_kek"] == 2, "the next KEK is fetched before the live one runs out"
+    eleventh = await keyring.generate_data_key("payments")
+    assert eleventh.kek_id != first[0].kek_id
+    assert {k.kek_id for k in first} == {first[0].kek_id}
+    assert keyring.status()["keys"]["payments"]["kek_rotations"] == 1
+
+
+async def test_new_root_version_retires_live_kek(backend: MemoryBackend, clock: Clock) -> None:
+    keyring = make_keyring(backend, clock)
+    before = await keyring.generate_data_key("payments")
+    await backend.rotate("payments")  # as an operator would, directly upstream
+    await keyring.refresh("payments")
+    after = await keyring.generate_data_key("payments")
+    assert (before.root_version, after.root_version) == (1, 2)
+    assert after.blob.startswith("sidecar:v2:")
+    assert await keyring.decrypt("payments", before.blob) == before.plaintext
+
+
+async def test_rotate_through_keyring(backend: MemoryBackend, clock: Clock) -> None:
+    keyring = make_keyring(backend, clock)
+    await keyring.generate_data_key("payments")
+    info = await keyring.rotate("payments")
+    assert info.latest_version == 2
+    assert (await keyring.generate_data_key("payments")).root_version == 2
+
+
+async def test_expiry_is_bound_with_leeway(backend: MemoryBackend, clock: Clock) -> None:
+    keyring = make_keyring(backend, clock, expiry_leeway=5.0)
+    key = await keyring.generate_data_key("payments", ttl=60)
+    assert key.expires_at == int(clock.now) + 60
+    clock.now += 64
+    assert await keyring.decrypt("payments", key.blob) == key.plaintext
+    clock.now += 2
+    with pytest.raises(DecryptionFailed) as failure:
+        await keyring.decrypt("payments", key.blob)
+    assert failure.value.cause == "blob expired"
+
+
+async def test_context_is_bound(backend: MemoryBackend, clock: Clock) -> None:
+    keyring = make_keyring(backend, clock)
+    key = await keyring.generate_data_key("payments", context={"tenant": "a"})
+    with pytest.raises(DecryptionFailed):
+        await keyring.decrypt("payments", key.blob, context={"tenant": "b"})
+    with pytest.raises(DecryptionFailed):
+        await keyring.decrypt("payments", key.blob)
+    assert await keyring.decrypt("payments", key.blob, context={"tenant": "a"}) == key.plaintext
+
+
+async def test_blob_of_another_key_fails(backend: MemoryBackend, clock: Clock) -> None:
+    keyring = make_keyring(backend, clock)
+    key = await keyring.generate_data_key("payments")
+    with pytest.raises(DecryptionFailed):
+        await keyring.decrypt("other", key.blob)
+
+
+async def test_unknown_key_is_permission_denied(backend: MemoryBackend, clock: Clock) -> None:
+    keyring = make_keyring(backend, clock)
+    with pytest.raises(PermissionDenied):
+        await keyring.generate_data_key("nope")
+    with pytest.raises(InvalidRequest):
+        await keyring.generate_data_key("payments", bits=100)
+
+
+async def test_unwrap_is_single_flight_after_flush(clock: Clock) -> None:
+    backend = MemoryBackend({"payments": "aes256", "other": "aes256"}, delay=0.01)
+    keyring = make_keyring(backend, clock)
+    key = await keyring.generate_data_key("payments")
+    assert keyring.flush("payments") == 2  # the live KEK and its cache entry
+    opened = await asyncio.gather(*(keyring.decrypt("payments", key.blob) for _ in range(50)))
+    assert opened == [key.plaintext] * 50
+    assert backend.calls["unwrap_kek"] == 1
+
+
+async def test_outage_within_grace_keeps_issuing(backend: MemoryBackend, clock: Clock) -> None:
+    keyring = make_keyring(backend, clock)
+    cached = await keyring.generate_data_key("payments")
+    backend.available = False
+    clock.now += 3600 + 200  # the KEK is past its TTL but inside upstream_grace (300 s)
+    during = await keyring.generate_data_key("payments")
+    assert during.kek_id == cached.kek_id
+    assert keyring.key_state("payments") == "degraded"
+    assert await keyring.decrypt("payments", cached.blob) == cached.plaintext
+    clock.now += 200  # past grace
+    with pytest.raises(UpstreamUnavailable):
+        await keyring.generate_data_key("payments")
+    assert keyring.key_state("payments") == "unavailable"
+
+
+async def test_outage_uncached_blob_is_unavailable_not_decryption_failed(
+    backend: MemoryBackend, clock: Clock
+) -> None:
+    keyring = make_keyring(backend, clock)
+    key = await keyring.generate_data_key("payments")
+    keyring.flush()
+    backend.available = False
+    with pytest.raises(UpstreamUnavailable):
+        await keyring.decrypt("payments", key.blob)
+    backend.available = True
+    assert await keyring.decrypt("payments", key.blob) == key.plaintext
+
+
+async def test_raised_min_decryption_version_refuses_old_blobs(backend: MemoryBackend, clock: Clock) -> None:
+    keyring = make_keyring(backend, clock)
+    old = await keyring.generate_data_key("payments")
+    await backend.rotate("payments")
+    backend.set_min_decryption_version("payments", 2)
+    await keyring.refresh("payments")
+    assert keyring.status()["keys"]["payments"]["cached_keks"] == 0
+    with pytest.raises(DecryptionFailed):
+        await keyring.decrypt("payments", old.blob)
+    assert (await keyring.generate_data_key("payments")).root_version == 2
+
+
+async def test_rewrap_moves_to_newest_version_keeping_context_and_expiry(
+    backend: MemoryBackend, clock: Clock
+) -> None:
+    keyring = make_keyring(backend, clock)
+    key = await keyring.generate_data_key("payments", context={"t": "1"}, ttl=600)
+    await keyring.rotate("payments")
+    moved = await keyring.rewrap("payments", key.blob, context={"t": "1"})
+    assert moved.root_version == 2 and moved.expires_at == key.expires_at
+    assert await keyring.decrypt("payments", moved.blob, context={"t": "1"}) == key.plaintext
+
+
+async def test_status_never_holds_key_bytes(backend: MemoryBackend, clock: Clock) -> None:
+    keyring = make_keyring(backend, clock)
+    key = await keyring.generate_data_key("payments")
+    text = repr(keyring.status()) + repr(key)
+    assert key.plaintext.hex() not in text
+    assert key.plaintext not in text.encode()
