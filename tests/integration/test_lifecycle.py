@@ -1,0 +1,190 @@
+"""The socket's life and the daemon's: permissions, stale and live sockets, drain, SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sidecar.backends.memory import MemoryBackend
+from sidecar.devserver import DevOpenBao
+from sidecar.errors import ConfigError
+from sidecar.server.app import ROUTES, UNGUARDED, build_app
+from sidecar.server.listener import SocketInUse, unix_listener
+from sidecar.server.run import build_services
+from tests.conftest import request, sidecar_config
+from tests.integration.conftest import TOKEN_ENV, vault_sections
+
+
+def test_socket_has_its_mode_from_the_first_instant(short_tmp: Path) -> None:
+    path = str(short_tmp / "m.sock")
+    seen: list[int] = []
+    stop = threading.Event()
+
+    def watch() -> None:  # look at the file as soon as it exists
+        while not stop.is_set():
+            try:
+                seen.append(stat.S_IMODE(os.lstat(path).st_mode))
+            except FileNotFoundError:
+                pass
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        for _ in range(50):
+            with unix_listener(path, 0o600):
+                time.sleep(0.002)  # give the watcher a turn while the socket exists
+    finally:
+        stop.set()
+        watcher.join()
+    assert seen and set(seen) == {0o600}
+    assert not os.path.exists(path), "the socket is removed on exit"
+
+
+def test_stale_socket_is_replaced_and_live_one_refused(short_tmp: Path) -> None:
+    path = str(short_tmp / "s.sock")
+    dead = socket.socket(socket.AF_UNIX)
+    dead.bind(path)
+    dead.close()  # the file stays, nobody listens: what a crashed process leaves
+    with unix_listener(path, 0o600) as live:
+        assert live.fileno() > 0
+        with pytest.raises(SocketInUse, match="already listening"), unix_listener(path, 0o600):
+            pass
+        assert os.path.exists(path), "a refused start must not remove the live socket"
+    regular = short_tmp / "file"
+    regular.write_text("x")
+    with pytest.raises(ConfigError, match="not a socket"), unix_listener(str(regular), 0o600):
+        pass
+
+
+def test_every_route_is_guarded_unless_listed() -> None:
+    config = sidecar_config(Path("/nonexistent.sock"), keys={"k": {}})
+    app = build_app(build_services(config, MemoryBackend({"k": "aes256"})))
+    declared = {route.path: route for route in ROUTES}
+    for resource in app.router.resources():
+        path = resource.canonical
+        assert path in declared, f"{path} is served but not in ROUTES"
+        assert declared[path].operation is not None or path in UNGUARDED, path
+    assert {p for p, r in declared.items() if r.operation is None} <= UNGUARDED
+
+
+def test_every_guarded_route_refuses_a_stranger(run_sidecar: Any, short_tmp: Path) -> None:
+    """Walk the route table as a caller no rule allows: each guarded route answers 401 or 403."""
+    backend = MemoryBackend({"k": "aes256"})
+    sidecar = run_sidecar(sidecar_config(short_tmp / "g.sock", keys={"k": {}}), backend)
+    while backend.calls["key_info"] == 0:  # the start-up refresh, which is not a request
+        time.sleep(0.01)
+    before = sum(backend.calls.values())
+    for route in ROUTES:
+        path = route.path.replace("{name}", "k")
+        answer = sidecar.request(
+            route.methods[0], path, headers={"Authorization": "Bearer not-a-jwt"}
+        )
+        if route.operation is None:
+            assert answer.status in (200, 503), path
+        else:
+            assert answer.status in (401, 403), (path, answer)
+    assert sum(backend.calls.values()) == before, "no refused request may reach the backend"
+
+
+def test_in_flight_requests_drain_on_stop(run_sidecar: Any, short_tmp: Path) -> None:
+    backend = MemoryBackend({"k": "aes256"}, delay=1.0)  # the KEK fetch takes a second
+    sidecar = run_sidecar(sidecar_config(short_tmp / "d.sock", keys={"k": {}}), backend)
+    answers: list[Any] = []
+    worker = threading.Thread(
+        target=lambda: answers.append(sidecar.request("POST", "/v1/transit/datakey/plaintext/k"))
+    )
+    worker.start()
+    while backend.calls["generate_kek"] == 0:
+        time.sleep(0.01)
+    sidecar.stop()
+    worker.join()
+    assert answers[0].status == 200, answers
+    assert not os.path.exists(sidecar.socket)
+
+
+def test_run_command_serves_and_exits_zero_on_sigterm(openbao: DevOpenBao, short_tmp: Path) -> None:
+    config_file = short_tmp / "sidecar.toml"
+    config_file.write_text(
+        f"""
+[server]
+socket = "{short_tmp / "r.sock"}"
+socket_mode = "0600"
+
+[backend.vault]
+addresses = ["{openbao.address}"]
+token_env = "{TOKEN_ENV}"
+
+[keys.payments]
+"""
+    )
+    started = time.monotonic()
+    with subprocess.Popen(
+        [sys.executable, "-m", "sidecar", "run", "--config", str(config_file)],
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        sock = str(short_tmp / "r.sock")
+        while not os.path.exists(sock):
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() - started < 30
+            time.sleep(0.02)
+        assert request(sock, "POST", "/v1/transit/datakey/plaintext/payments").status == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert not os.path.exists(sock)
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_dev_command_prints_socket_and_serves(short_tmp: Path) -> None:
+    sock = str(short_tmp / "dev.sock")
+    with subprocess.Popen(
+        [sys.executable, "-m", "sidecar", "dev", "--socket", sock],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    ) as proc:
+        assert proc.stdout is not None
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("Ctrl-C"):
+                break
+        banner = "".join(lines)
+        assert f"socket: {sock}" in banner
+        assert f"curl -s --unix-socket {sock}" in banner
+        assert f"BAO_ADDR=unix://{sock} bao write -f transit/datakey/plaintext/default" in banner
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                answer = request(sock, "POST", "/v1/transit/datakey/plaintext/default")
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        assert answer.status == 200
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_start_with_unreachable_upstream_reports_unhealthy(
+    run_sidecar: Any, short_tmp: Path
+) -> None:
+    sections = vault_sections(DevOpenBao())  # an address nothing listens on
+    sidecar = run_sidecar(sidecar_config(short_tmp / "u.sock", **sections))
+    answer = sidecar.request("POST", "/v1/transit/datakey/plaintext/payments")
+    assert answer.status == 503 and answer.code == "upstream_unavailable"
+    health = sidecar.request("GET", "/v1/sys/health")
+    assert health.status == 503 and health.json["keys"]["payments"] == "unavailable"
