@@ -43,12 +43,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = _config_from(args)
-    print(f"configuration OK: backend {config.backend.type}, keys: {', '.join(config.keys) or 'none'}")
+    print(
+        f"configuration OK: backend {config.backend.type}, keys: {', '.join(config.keys) or 'none'}"
+    )
     return 0
 
 
 def default_dev_socket() -> str:
-    runtime = os.environ.get("XDG_RUNTIME_DIR") or os.path.join(tempfile.gettempdir(), f"kms-sidecar-{os.getuid()}")
+    runtime = os.environ.get("XDG_RUNTIME_DIR") or os.path.join(
+        tempfile.gettempdir(), f"kms-sidecar-{os.getuid()}"
+    )
     return os.path.join(runtime, "kms-sidecar", "dev.sock")
 
 

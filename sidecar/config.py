@@ -94,7 +94,7 @@ class VaultConfig:
     addresses: tuple[str, ...] = ("http://127.0.0.1:8200",)
     mount: str = "transit"
     auth_method: str = "token"
-    token_env: str = "VAULT_TOKEN"
+    token_env: str = "VAULT_TOKEN"  # noqa: S105 - the name of a variable
     token_file: str = ""
     role_id: str = ""
     secret_id_file: str = ""
@@ -109,7 +109,7 @@ class VaultConfig:
 @dataclass(frozen=True)
 class Pkcs11Config:
     module: str = "/usr/lib/softhsm/libsofthsm2.so"
-    token_label: str = "kms"
+    token_label: str = "kms"  # noqa: S105 - a label, not a secret
     pin_env: str = "KMS_HSM_PIN"
     pin_file: str = ""
 
@@ -239,7 +239,7 @@ def _convert(hint: Any, value: Any, path: str, duration: bool) -> Any:
         raise ConfigError(f"{path}: unsupported type")
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if hint is bool and not isinstance(value, bool) or not isinstance(value, hint):
+    if (hint is bool and not isinstance(value, bool)) or not isinstance(value, hint):
         raise ConfigError(f"{path}: expected {_type_name(hint)}, got {_type_name(type(value))}")
     if hint is int and isinstance(value, bool):
         raise ConfigError(f"{path}: expected an integer, got a boolean")

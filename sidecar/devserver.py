@@ -58,7 +58,7 @@ class DevOpenBao:
         env.pop("BAO_ADDR", None)
         env.pop("VAULT_ADDR", None)
         with open(log_path, "wb") as log_file:
-            self._process = subprocess.Popen(  # noqa: S603 - our own binary, fixed arguments
+            self._process = subprocess.Popen(
                 [
                     find_bao(),
                     "server",

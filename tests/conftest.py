@@ -93,7 +93,10 @@ class RunningSidecar:
             self._loop = asyncio.get_running_loop()
             self._stop = asyncio.Event()
             await serve(
-                self.config, backend=self._backend, stop=self._stop, on_ready=lambda _: self._ready.set()
+                self.config,
+                backend=self._backend,
+                stop=self._stop,
+                on_ready=lambda _: self._ready.set(),
             )
 
         try:

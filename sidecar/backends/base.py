@@ -80,7 +80,9 @@ class UpstreamCiphertexts(Protocol):
     Lets applications that encrypted with Vault directly move to the sidecar unchanged.
     """
 
-    async def decrypt_ciphertext(self, root_key: str, ciphertext: str, context: bytes | None) -> bytes:
+    async def decrypt_ciphertext(
+        self, root_key: str, ciphertext: str, context: bytes | None
+    ) -> bytes:
         """The plaintext of an upstream ciphertext; ``DecryptionFailed`` if it does not open."""
 
     async def rewrap_ciphertext(self, root_key: str, ciphertext: str, context: bytes | None) -> str:

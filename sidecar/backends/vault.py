@@ -129,7 +129,7 @@ class VaultBackend:
     ) -> None:
         if config.auth_method != "token":
             raise InvalidRequest(
-                f"backend.vault.auth_method {config.auth_method!r} is not supported yet; use 'token'."
+                f"backend.vault.auth_method {config.auth_method!r} is not supported; use 'token'."
             )
         self._config = config
         self._mount = config.mount
@@ -183,7 +183,9 @@ class VaultBackend:
 
     async def create(self, root_key: str, key_type: str) -> RootKeyInfo:
         if key_type not in KEY_TYPES:
-            raise InvalidRequest(f"Unknown key type {key_type!r}; use one of {', '.join(KEY_TYPES)}.")
+            raise InvalidRequest(
+                f"Unknown key type {key_type!r}; use one of {', '.join(KEY_TYPES)}."
+            )
 
         def call(client: hvac.Client) -> Any:
             client.secrets.transit.create_key(
@@ -229,7 +231,9 @@ class VaultBackend:
 
     # -- UpstreamCiphertexts ----------------------------------------------------------------
 
-    async def decrypt_ciphertext(self, root_key: str, ciphertext: str, context: bytes | None) -> bytes:
+    async def decrypt_ciphertext(
+        self, root_key: str, ciphertext: str, context: bytes | None
+    ) -> bytes:
         def call(client: hvac.Client) -> Any:
             return client.secrets.transit.decrypt_data(
                 root_key, ciphertext, context=_b64_text(context), mount_point=self._mount

@@ -185,7 +185,7 @@ class KekCipher:
         associated_data: bytes,
         nonce: bytes,
     ) -> str:
-        """The blob holding ``plaintext`` under this KEK. ``nonce`` must be 12 fresh random bytes."""
+        """The blob sealing ``plaintext``; ``nonce`` must be 12 fresh random bytes."""
         header_bytes = header.encode()
         sealed = self._aead.encrypt(nonce, plaintext, _aad(header_bytes, context, associated_data))
         body = base64.b64encode(header_bytes + nonce + sealed).decode()

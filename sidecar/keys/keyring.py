@@ -142,7 +142,9 @@ class Keyring:
             key_name, plaintext, context=context, associated_data=associated_data, ttl=ttl
         )
         assert sealed.kek_id is not None
-        return DataKey(plaintext, sealed.blob, sealed.root_version, sealed.expires_at, sealed.kek_id)
+        return DataKey(
+            plaintext, sealed.blob, sealed.root_version, sealed.expires_at, sealed.kek_id
+        )
 
     async def encrypt(
         self,
@@ -317,7 +319,9 @@ class Keyring:
         associated_data: bytes,
         expires_at: int | None,
     ) -> Sealed:
-        header = envelope.Header(kek.key_name, kek.root_version, kek.kek_id, kek.wrapped, expires_at)
+        header = envelope.Header(
+            kek.key_name, kek.root_version, kek.kek_id, kek.wrapped, expires_at
+        )
         blob = kek.cipher.seal(
             header,
             plaintext,
@@ -332,7 +336,10 @@ class Keyring:
         header = sealed.header
         if header.key_name != key_name:
             raise DecryptionFailed("blob belongs to another key")
-        if header.expires_at is not None and self._now() > header.expires_at + state.config.expiry_leeway:
+        if (
+            header.expires_at is not None
+            and self._now() > header.expires_at + state.config.expiry_leeway
+        ):
             raise DecryptionFailed("blob expired")
         if header.root_version < state.min_decryption_version:
             raise DecryptionFailed("root version below min_decryption_version")
@@ -395,7 +402,9 @@ class Keyring:
             state.kek_rotations += 1
         new.created_at = self._now()
         state.live = new
-        log.info("key %s: new KEK %s (root version %d)", key_name, new.kek_id.hex(), new.root_version)
+        log.info(
+            "key %s: new KEK %s (root version %d)", key_name, new.kek_id.hex(), new.root_version
+        )
         return new
 
     async def _fetch_kek(self, key_name: str, state: _KeyState) -> _Kek:
@@ -431,7 +440,11 @@ class Keyring:
                 ("unwrap", header.kek_id), lambda: self._unwrap(state, header)
             )
         except UpstreamUnavailable:
-            if cached is not None and cached.wrapped == header.wrapped_kek and self._in_grace(state, cached):
+            if (
+                cached is not None
+                and cached.wrapped == header.wrapped_kek
+                and self._in_grace(state, cached)
+            ):
                 return cached
             raise
 

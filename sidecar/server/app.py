@@ -88,9 +88,7 @@ class Call:
     key: str
     operation: str
 
-    def authorize(
-        self, context: Mapping[str, str] | None = None, ttl: float | None = None
-    ) -> str:
+    def authorize(self, context: Mapping[str, str] | None = None, ttl: float | None = None) -> str:
         return self.services.authorizer.authorize(
             self.identity, key=self.key, operation=self.operation, context=context, ttl=ttl
         )
@@ -133,7 +131,11 @@ async def _encrypt(call: Call, item: Mapping[str, Any]) -> dict[str, Any]:
         associated_data=fields.base64_field(item, "associated_data"),
         ttl=ttl,
     )
-    return {"ciphertext": sealed.blob, "key_version": sealed.root_version, "expires_at": sealed.expires_at}
+    return {
+        "ciphertext": sealed.blob,
+        "key_version": sealed.root_version,
+        "expires_at": sealed.expires_at,
+    }
 
 
 async def _decrypt(call: Call, item: Mapping[str, Any]) -> dict[str, Any]:
@@ -200,7 +202,9 @@ def _key_metadata(call: Call, info: Any) -> dict[str, Any]:
     }
 
 
-def _keyed(operation: str, run: ItemHandler, *, batch: bool) -> Callable[[web.Request], Awaitable[web.Response]]:
+def _keyed(
+    operation: str, run: ItemHandler, *, batch: bool
+) -> Callable[[web.Request], Awaitable[web.Response]]:
     """A route handler that authorizes and runs ``run`` for the request, or each batch item."""
 
     async def handler(request: web.Request) -> web.Response:
@@ -285,13 +289,25 @@ class Route:
 _WRITE = ("POST", "PUT")
 
 ROUTES: tuple[Route, ...] = (
-    Route(_WRITE, "/v1/transit/datakey/plaintext/{name}", _keyed("datakey", _datakey, batch=True), "datakey"),
-    Route(_WRITE, "/v1/transit/datakey/wrapped/{name}", _keyed("datakey-wrapped", _datakey, batch=True), "datakey-wrapped"),
+    Route(
+        _WRITE,
+        "/v1/transit/datakey/plaintext/{name}",
+        _keyed("datakey", _datakey, batch=True),
+        "datakey",
+    ),
+    Route(
+        _WRITE,
+        "/v1/transit/datakey/wrapped/{name}",
+        _keyed("datakey-wrapped", _datakey, batch=True),
+        "datakey-wrapped",
+    ),
     Route(_WRITE, "/v1/transit/encrypt/{name}", _keyed("encrypt", _encrypt, batch=True), "encrypt"),
     Route(_WRITE, "/v1/transit/decrypt/{name}", _keyed("decrypt", _decrypt, batch=True), "decrypt"),
     Route(_WRITE, "/v1/transit/rewrap/{name}", _keyed("rewrap", _rewrap, batch=True), "rewrap"),
     Route(("GET",), "/v1/transit/keys/{name}", _keyed("read", _read_key, batch=False), "read"),
-    Route(_WRITE, "/v1/transit/keys/{name}/rotate", _keyed("rotate", _rotate, batch=False), "rotate"),
+    Route(
+        _WRITE, "/v1/transit/keys/{name}/rotate", _keyed("rotate", _rotate, batch=False), "rotate"
+    ),
     Route(("GET",), "/v1/sidecar/status", _status, "status"),
     Route(_WRITE, "/v1/sidecar/cache/flush", _flush, "flush"),
     Route(("GET",), "/v1/sys/health", _health, None),
@@ -365,10 +381,14 @@ def _make_middleware(
                 raise
             if mapped is PayloadTooLarge:
                 limit = request.app[SERVICES].config.server.max_body_bytes
-                return error_response(mapped(f"The request body exceeds {limit} bytes."), request_id)
+                return error_response(
+                    mapped(f"The request body exceeds {limit} bytes."), request_id
+                )
             return error_response(mapped(), request_id)
         except Exception:
-            log.exception("internal error in %s %s (request %s)", request.method, request.path, request_id)
+            log.exception(
+                "internal error in %s %s (request %s)", request.method, request.path, request_id
+            )
             return error_response(InternalError(), request_id)
 
     return middleware
@@ -395,4 +415,14 @@ def _version() -> str:
     return __version__
 
 
-__all__ = ["ROUTES", "SERVICES", "UNGUARDED", "Authenticator", "Authorizer", "Services", "build_app", "error_body", "status_for"]
+__all__ = [
+    "ROUTES",
+    "SERVICES",
+    "UNGUARDED",
+    "Authenticator",
+    "Authorizer",
+    "Services",
+    "build_app",
+    "error_body",
+    "status_for",
+]

@@ -66,7 +66,9 @@ def ttl_field(item: Mapping[str, Any]) -> float | None:
     try:
         seconds = parse_duration(value)
     except (ValueError, TypeError):
-        raise InvalidRequest("Field 'ttl' must be seconds or a duration like '90s' or '5m'.") from None
+        raise InvalidRequest(
+            "Field 'ttl' must be seconds or a duration like '90s' or '5m'."
+        ) from None
     if seconds <= 0:
         raise InvalidRequest("Field 'ttl' must be positive.")
     return seconds

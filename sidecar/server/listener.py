@@ -24,7 +24,9 @@ def _claim_path(path: str) -> None:
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(st.st_mode):
-        raise ConfigError(f"server.socket: {path} exists and is not a socket; refusing to replace it")
+        raise ConfigError(
+            f"server.socket: {path} exists and is not a socket; refusing to replace it"
+        )
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(path)
@@ -39,7 +41,9 @@ def _claim_path(path: str) -> None:
 
 
 @contextlib.contextmanager
-def unix_listener(path: str, mode: int, group: str = "", backlog: int = 1024) -> Iterator[socket.socket]:
+def unix_listener(
+    path: str, mode: int, group: str = "", backlog: int = 1024
+) -> Iterator[socket.socket]:
     """A listening Unix socket at ``path`` with permissions ``mode``; removed on exit.
 
     The umask is set before ``bind`` so the socket never exists with wider permissions than

@@ -121,7 +121,9 @@ async def serve(
             if on_ready:
                 on_ready(config.server.socket)
             await stop.wait()
-            log.info("stopping: draining in-flight requests (up to %.0fs)", config.server.drain_timeout)
+            log.info(
+                "stopping: draining in-flight requests (up to %.0fs)", config.server.drain_timeout
+            )
             await runner.cleanup()
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):

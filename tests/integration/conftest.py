@@ -25,7 +25,9 @@ def openbao() -> Iterator[DevOpenBao]:
         os.environ.pop(TOKEN_ENV, None)
 
 
-def vault_sections(bao: DevOpenBao, keys: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+def vault_sections(
+    bao: DevOpenBao, keys: dict[str, dict[str, Any]] | None = None
+) -> dict[str, Any]:
     return {
         "backend": {"type": "vault", "vault": {"addresses": [bao.address], "token_env": TOKEN_ENV}},
         "keys": keys if keys is not None else {"payments": {}, "default": {}},
@@ -35,5 +37,7 @@ def vault_sections(bao: DevOpenBao, keys: dict[str, dict[str, Any]] | None = Non
 @pytest.fixture
 def sidecar(openbao: DevOpenBao, run_sidecar: Any, short_tmp: Path) -> RunningSidecar:
     """One sidecar on the shared OpenBao with keys ``payments`` and ``default``."""
-    sidecar: RunningSidecar = run_sidecar(sidecar_config(short_tmp / "s.sock", **vault_sections(openbao)))
+    sidecar: RunningSidecar = run_sidecar(
+        sidecar_config(short_tmp / "s.sock", **vault_sections(openbao))
+    )
     return sidecar

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -32,10 +33,8 @@ def test_socket_has_its_mode_from_the_first_instant(short_tmp: Path) -> None:
 
     def watch() -> None:  # look at the file as soon as it exists
         while not stop.is_set():
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 seen.append(stat.S_IMODE(os.lstat(path).st_mode))
-            except FileNotFoundError:
-                pass
 
     watcher = threading.Thread(target=watch)
     watcher.start()

@@ -33,18 +33,25 @@ def test_datakey_round_trip(sidecar: RunningSidecar) -> None:
     plaintext = base64.b64decode(data["plaintext"])
     assert len(plaintext) == 32
     opened = sidecar.request(
-        "POST", DECRYPT, {"ciphertext": data["ciphertext"], "encryption_context": {"tenant": "acme"}}
+        "POST",
+        DECRYPT,
+        {"ciphertext": data["ciphertext"], "encryption_context": {"tenant": "acme"}},
     )
     assert opened.status == 200, opened
     assert base64.b64decode(opened.data["plaintext"]) == plaintext
 
 
-def test_wrapped_datakey_has_no_plaintext_and_put_empty_and_null_bodies_work(sidecar: RunningSidecar) -> None:
+def test_wrapped_datakey_has_no_plaintext_and_put_empty_and_null_bodies_work(
+    sidecar: RunningSidecar,
+) -> None:
     wrapped = sidecar.request("PUT", "/v1/transit/datakey/wrapped/payments", raw=b"")
     assert wrapped.status == 200, wrapped
     assert "plaintext" not in wrapped.data
     assert sidecar.request("POST", DATAKEY, raw=b"null").status == 200
-    assert len(base64.b64decode(sidecar.request("POST", DATAKEY, {"bits": 512}).data["plaintext"])) == 64
+    assert (
+        len(base64.b64decode(sidecar.request("POST", DATAKEY, {"bits": 512}).data["plaintext"]))
+        == 64
+    )
 
 
 def test_bao_cli_over_the_socket(sidecar: RunningSidecar, tmp_path: Path) -> None:
@@ -56,26 +63,44 @@ def test_bao_cli_over_the_socket(sidecar: RunningSidecar, tmp_path: Path) -> Non
     bao = find_bao()
     made = subprocess.run(
         [bao, "write", "-format=json", "-f", "transit/datakey/plaintext/payments"],
-        env=env, capture_output=True, text=True, timeout=30, check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
     assert made.returncode == 0, made.stderr
     import json
 
     data = json.loads(made.stdout)["data"]
     opened = subprocess.run(
-        [bao, "write", "-format=json", "transit/decrypt/payments", f"ciphertext={data['ciphertext']}"],
-        env=env, capture_output=True, text=True, timeout=30, check=False,
+        [
+            bao,
+            "write",
+            "-format=json",
+            "transit/decrypt/payments",
+            f"ciphertext={data['ciphertext']}",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
     assert opened.returncode == 0, opened.stderr
     assert json.loads(opened.stdout)["data"]["plaintext"] == data["plaintext"]
 
 
-def test_two_sidecars_open_each_others_blobs(openbao: DevOpenBao, run_sidecar: Any, short_tmp: Path) -> None:
+def test_two_sidecars_open_each_others_blobs(
+    openbao: DevOpenBao, run_sidecar: Any, short_tmp: Path
+) -> None:
     first = run_sidecar(sidecar_config(short_tmp / "a.sock", **vault_sections(openbao)))
     second = run_sidecar(sidecar_config(short_tmp / "b.sock", **vault_sections(openbao)))
     for maker, opener in ((first, second), (second, first)):
         made = maker.request("POST", DATAKEY, {"encryption_context": {"app": "x"}}).data
-        opened = opener.request("POST", DECRYPT, {"ciphertext": made["ciphertext"], "encryption_context": {"app": "x"}})
+        opened = opener.request(
+            "POST", DECRYPT, {"ciphertext": made["ciphertext"], "encryption_context": {"app": "x"}}
+        )
         assert opened.status == 200, opened
         assert opened.data["plaintext"] == made["plaintext"]
 
@@ -89,12 +114,20 @@ def _tamper(blob: str) -> str:
 
 def test_bad_blobs_fail_uniformly(openbao: DevOpenBao, run_sidecar: Any, short_tmp: Path) -> None:
     sidecar = run_sidecar(
-        sidecar_config(short_tmp / "s.sock", **vault_sections(openbao, {"payments": {"expiry_leeway": 0}, "default": {}}))
+        sidecar_config(
+            short_tmp / "s.sock",
+            **vault_sections(openbao, {"payments": {"expiry_leeway": 0}, "default": {}}),
+        )
     )
-    made = sidecar.request("POST", DATAKEY, {"encryption_context": {"tenant": "a"}, "ttl": "1s"}).data
+    made = sidecar.request(
+        "POST", DATAKEY, {"encryption_context": {"tenant": "a"}, "ttl": "1s"}
+    ).data
     other_key = sidecar.request("POST", "/v1/transit/datakey/plaintext/default").data["ciphertext"]
     cases = {
-        "tampered": {"ciphertext": _tamper(made["ciphertext"]), "encryption_context": {"tenant": "a"}},
+        "tampered": {
+            "ciphertext": _tamper(made["ciphertext"]),
+            "encryption_context": {"tenant": "a"},
+        },
         "wrong context": {"ciphertext": made["ciphertext"], "encryption_context": {"tenant": "b"}},
         "no context": {"ciphertext": made["ciphertext"]},
         "other key": {"ciphertext": other_key},
@@ -103,7 +136,11 @@ def test_bad_blobs_fail_uniformly(openbao: DevOpenBao, run_sidecar: Any, short_t
     answers = {name: sidecar.request("POST", DECRYPT, body) for name, body in cases.items()}
     deadline = time.monotonic() + 10
     while True:  # the blob expires one second after it was made (no leeway here)
-        expired = sidecar.request("POST", DECRYPT, {"ciphertext": made["ciphertext"], "encryption_context": {"tenant": "a"}})
+        expired = sidecar.request(
+            "POST",
+            DECRYPT,
+            {"ciphertext": made["ciphertext"], "encryption_context": {"tenant": "a"}},
+        )
         if expired.status != 200 or time.monotonic() > deadline:
             break
         time.sleep(0.2)
@@ -147,16 +184,22 @@ def test_oversized_body_is_413(sidecar: RunningSidecar) -> None:
 
 
 def test_encrypt_limit_and_round_trip(sidecar: RunningSidecar) -> None:
-    sealed = sidecar.request("POST", "/v1/transit/encrypt/payments", {"plaintext": b64(b"card 4111")})
+    sealed = sidecar.request(
+        "POST", "/v1/transit/encrypt/payments", {"plaintext": b64(b"card 4111")}
+    )
     assert sealed.status == 200
     opened = sidecar.request("POST", DECRYPT, {"ciphertext": sealed.data["ciphertext"]})
     assert base64.b64decode(opened.data["plaintext"]) == b"card 4111"
-    too_big = sidecar.request("POST", "/v1/transit/encrypt/payments", {"plaintext": b64(b"x" * 65537)})
+    too_big = sidecar.request(
+        "POST", "/v1/transit/encrypt/payments", {"plaintext": b64(b"x" * 65537)}
+    )
     assert too_big.status == 413 and "datakey" in too_big.json["errors"][0]
 
 
 def test_batch_with_one_bad_item(sidecar: RunningSidecar) -> None:
-    made = sidecar.request("POST", DATAKEY, {"batch_input": [{}, {"encryption_context": {"t": "1"}}]})
+    made = sidecar.request(
+        "POST", DATAKEY, {"batch_input": [{}, {"encryption_context": {"t": "1"}}]}
+    )
     assert made.status == 200
     first, second = made.data["batch_results"]
     items = [
@@ -168,7 +211,10 @@ def test_batch_with_one_bad_item(sidecar: RunningSidecar) -> None:
     assert opened.status == 200
     results = opened.data["batch_results"]
     assert results[0]["plaintext"] == first["plaintext"]
-    assert results[1] == {"error": "The ciphertext could not be decrypted.", "code": "decryption_failed"}
+    assert results[1] == {
+        "error": "The ciphertext could not be decrypted.",
+        "code": "decryption_failed",
+    }
     assert results[2]["plaintext"] == second["plaintext"]
 
 
@@ -183,7 +229,9 @@ def test_ten_thousand_issuances_cost_one_kek_fetch(sidecar: RunningSidecar) -> N
 
 
 def test_vault_ciphertexts_pass_through(sidecar: RunningSidecar, openbao: DevOpenBao) -> None:
-    direct = openbao.client().secrets.transit.encrypt_data("payments", b64(b"legacy"))["data"]["ciphertext"]
+    direct = openbao.client().secrets.transit.encrypt_data("payments", b64(b"legacy"))["data"][
+        "ciphertext"
+    ]
     assert direct.startswith("vault:v1:")
     opened = sidecar.request("POST", DECRYPT, {"ciphertext": direct})
     assert opened.status == 200 and base64.b64decode(opened.data["plaintext"]) == b"legacy"
@@ -198,11 +246,17 @@ def test_rewrap_and_rotate(sidecar: RunningSidecar, openbao: DevOpenBao) -> None
     rotated = sidecar.request("POST", "/v1/transit/keys/payments/rotate")
     assert rotated.status == 200, rotated
     version = rotated.data["latest_version"]
-    moved = sidecar.request("POST", "/v1/transit/rewrap/payments", {"ciphertext": made["ciphertext"], "encryption_context": {"t": "1"}})
+    moved = sidecar.request(
+        "POST",
+        "/v1/transit/rewrap/payments",
+        {"ciphertext": made["ciphertext"], "encryption_context": {"t": "1"}},
+    )
     assert moved.status == 200 and moved.data["key_version"] == version
     assert "plaintext" not in moved.data
     assert moved.data["ciphertext"].startswith(f"sidecar:v{version}:")
-    opened = sidecar.request("POST", DECRYPT, {"ciphertext": moved.data["ciphertext"], "encryption_context": {"t": "1"}})
+    opened = sidecar.request(
+        "POST", DECRYPT, {"ciphertext": moved.data["ciphertext"], "encryption_context": {"t": "1"}}
+    )
     assert opened.data["plaintext"] == made["plaintext"]
 
 
@@ -223,7 +277,7 @@ def test_another_uid_is_refused(sidecar: RunningSidecar, short_tmp: Path) -> Non
     if os.getuid() != 0 or shutil.which("setpriv") is None:
         pytest.skip("needs root and setpriv to act as another user")
     os.chmod(sidecar.socket, 0o660)  # let gid 0 connect, so the peer check is what refuses
-    os.chmod(short_tmp, 0o755)
+    os.chmod(short_tmp, 0o755)  # noqa: S103 - the socket directory, for the other uid
     script = (
         "import sys, json; sys.path.insert(0, sys.argv[2]);"
         "from tests.conftest import request;"
@@ -234,7 +288,20 @@ def test_another_uid_is_refused(sidecar: RunningSidecar, short_tmp: Path) -> Non
     import sys
 
     out = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=0", "--clear-groups", sys.executable, "-c", script, sidecar.socket, root],
-        capture_output=True, text=True, timeout=30, check=False,
+        [
+            "setpriv",
+            "--reuid=65534",
+            "--regid=0",
+            "--clear-groups",
+            sys.executable,
+            "-c",
+            script,
+            sidecar.socket,
+            root,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
     assert out.stdout.split() == ["403", "permission_denied"], out.stderr

@@ -79,7 +79,9 @@ def test_bad_config_names_the_key(raw: dict[str, object], message: str) -> None:
         config_from_mapping(raw)
 
 
-@pytest.mark.parametrize(("text", "seconds"), [("90s", 90), ("5m", 300), ("1h", 3600), (15, 15), ("250ms", 0.25)])
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("90s", 90), ("5m", 300), ("1h", 3600), (15, 15), ("250ms", 0.25)]
+)
 def test_durations(text: str | int, seconds: float) -> None:
     assert parse_duration(text) == seconds
 

@@ -70,7 +70,9 @@ def test_vector_follows_documented_layout(case: dict[str, Any]) -> None:
     aad = header + struct.pack(">I", len(canonical)) + canonical + _b64(case["associated_data"])
     nonce = _b64(case["nonce"])
     sealed = AESGCM(_b64(case["kek"])).encrypt(nonce, _b64(case["plaintext"]), aad)
-    expected = f"sidecar:v{case['root_version']}:" + base64.b64encode(header + nonce + sealed).decode()
+    expected = (
+        f"sidecar:v{case['root_version']}:" + base64.b64encode(header + nonce + sealed).decode()
+    )
     assert case["blob"] == expected
 
 

@@ -32,10 +32,14 @@ def backend() -> MemoryBackend:
 
 def make_keyring(backend: MemoryBackend, clock: Clock, **key: object) -> Keyring:
     config = KeyConfig(**{"kek_ttl": 3600.0, "upstream_grace": 300.0, **key})  # type: ignore[arg-type]
-    return Keyring(backend, {"payments": (config, "payments"), "other": (config, "other")}, now=clock)
+    return Keyring(
+        backend, {"payments": (config, "payments"), "other": (config, "other")}, now=clock
+    )
 
 
-async def test_ten_thousand_issuances_cost_one_kek_fetch(backend: MemoryBackend, clock: Clock) -> None:
+async def test_ten_thousand_issuances_cost_one_kek_fetch(
+    backend: MemoryBackend, clock: Clock
+) -> None:
     keyring = make_keyring(backend, clock)
     keys = [await keyring.generate_data_key("payments") for _ in range(10_000)]
     assert backend.calls["generate_kek"] == 1
@@ -51,7 +55,9 @@ async def test_concurrent_first_requests_share_one_fetch(clock: Clock) -> None:
     assert backend.calls["generate_kek"] == 1
 
 
-async def test_kek_rotates_by_age_and_old_blobs_still_open(backend: MemoryBackend, clock: Clock) -> None:
+async def test_kek_rotates_by_age_and_old_blobs_still_open(
+    backend: MemoryBackend, clock: Clock
+) -> None:
     keyring = make_keyring(backend, clock)
     old = await keyring.generate_data_key("payments")
     clock.now += 3601
@@ -65,7 +71,9 @@ async def test_kek_rotates_by_uses_with_prefetch(backend: MemoryBackend, clock: 
     keyring = make_keyring(backend, clock, kek_max_uses=10)
     first = [await keyring.generate_data_key("payments") for _ in range(10)]
     await asyncio.sleep(0)  # let the prefetch started at 80% of the budget finish
-    assert backend.calls["generate_kek"] == 2, "the next KEK is fetched before the live one runs out"
+    assert backend.calls["generate_kek"] == 2, (
+        "the next KEK is fetched before the live one runs out"
+    )
     eleventh = await keyring.generate_data_key("payments")
     assert eleventh.kek_id != first[0].kek_id
     assert {k.kek_id for k in first} == {first[0].kek_id}
@@ -166,7 +174,9 @@ async def test_outage_uncached_blob_is_unavailable_not_decryption_failed(
     assert await keyring.decrypt("payments", key.blob) == key.plaintext
 
 
-async def test_raised_min_decryption_version_refuses_old_blobs(backend: MemoryBackend, clock: Clock) -> None:
+async def test_raised_min_decryption_version_refuses_old_blobs(
+    backend: MemoryBackend, clock: Clock
+) -> None:
     keyring = make_keyring(backend, clock)
     old = await keyring.generate_data_key("payments")
     await backend.rotate("payments")
