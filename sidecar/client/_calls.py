@@ -1,0 +1,265 @@
+"""What each API call sends and how its answer is read, with no I/O (both clients share it)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+from urllib.parse import quote
+
+from sidecar.client._errors import UnexpectedResponse, error_from_answer
+from sidecar.errors import InvalidRequest
+
+T = TypeVar("T")
+
+#: A ``ttl`` as the API takes it: ``"90s"``, ``"5m"`` or whole seconds.
+Ttl = str | int
+
+
+@dataclass(frozen=True, slots=True)
+class DataKey:
+    """A data key (DEK) from the sidecar.
+
+    ``plaintext`` is the key itself (``None`` for ``wrapped=True``) and never appears in ``repr``.
+    ``ciphertext`` is the blob (``sidecar:vN:…``) to store beside the data and hand to ``decrypt``.
+    ``expires_at`` is a Unix time after which the blob cannot be opened, or ``None``.
+    """
+
+    plaintext: bytes | None = field(repr=False)
+    ciphertext: str
+    key_version: int
+    expires_at: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Call(Generic[T]):
+    """One request and the parser for its successful JSON answer.
+
+    ``also_ok`` lists non-2xx statuses whose body is an answer rather than an error, unless
+    it is shaped as an error (has ``errors``).
+    """
+
+    method: str
+    path: str
+    body: Mapping[str, Any] | None
+    parse: Callable[[Mapping[str, Any]], T]
+    also_ok: frozenset[int] = frozenset()
+
+    def encoded_body(self) -> bytes | None:
+        if self.body is None:
+            return None
+        return json.dumps(self.body, separators=(",", ":")).encode()
+
+
+def read_answer(call: Call[T], *, status: int, retry_after: str | None, raw: bytes) -> T:
+    """The result of ``call`` from a raw answer, or the typed error the answer reports."""
+    body = _json_object(raw)
+    answered = 200 <= status < 300 or (
+        status in call.also_ok and body is not None and "errors" not in body
+    )
+    if not answered:
+        body = body or {}
+        errors = body.get("errors")
+        message = errors[0] if isinstance(errors, list) and errors else None
+        raise error_from_answer(
+            status=status,
+            code=body.get("code"),
+            message=message,
+            request_id=body.get("request_id"),
+            retry_after=retry_after,
+        )
+    if body is None:
+        if raw.strip() and status != 204:
+            raise UnexpectedResponse(
+                f"The sidecar answered {call.path} with a body that is not JSON."
+            )
+        body = {}
+    return call.parse(body)
+
+
+def datakey(
+    key: str, *, bits: int, context: Mapping[str, str] | None, ttl: Ttl | None, wrapped: bool
+) -> Call[DataKey]:
+    def parse(body: Mapping[str, Any]) -> DataKey:
+        return _data_key(_data(body), wrapped=wrapped)
+
+    return Call("POST", _datakey_path(key, wrapped), _datakey_fields(bits, context, ttl), parse)
+
+
+def datakeys(
+    key: str,
+    n: int,
+    *,
+    bits: int,
+    context: Mapping[str, str] | None,
+    ttl: Ttl | None,
+    wrapped: bool,
+) -> Call[list[DataKey]]:
+    if n < 1:
+        raise ValueError("n must be at least 1")
+    item = _datakey_fields(bits, context, ttl)
+
+    def parse(body: Mapping[str, Any]) -> list[DataKey]:
+        return [_data_key(result, wrapped=wrapped) for result in _batch_results(body, n)]
+
+    return Call("POST", _datakey_path(key, wrapped), {"batch_input": [item] * n}, parse)
+
+
+def decrypt(key: str, ciphertext: str, *, context: Mapping[str, str] | None) -> Call[bytes]:
+    def parse(body: Mapping[str, Any]) -> bytes:
+        return _b64(_data(body), "plaintext")
+
+    fields: dict[str, Any] = {"ciphertext": ciphertext}
+    _add_context(fields, context)
+    return Call("POST", f"/v1/transit/decrypt/{key_segment(key)}", fields, parse)
+
+
+def encrypt(
+    key: str, plaintext: bytes, *, context: Mapping[str, str] | None, ttl: Ttl | None
+) -> Call[str]:
+    fields: dict[str, Any] = {"plaintext": base64.b64encode(plaintext).decode("ascii")}
+    _add_context(fields, context)
+    if ttl is not None:
+        fields["ttl"] = ttl
+    return Call("POST", f"/v1/transit/encrypt/{key_segment(key)}", fields, _ciphertext)
+
+
+def rewrap(key: str, ciphertext: str, *, context: Mapping[str, str] | None) -> Call[str]:
+    fields: dict[str, Any] = {"ciphertext": ciphertext}
+    _add_context(fields, context)
+    return Call("POST", f"/v1/transit/rewrap/{key_segment(key)}", fields, _ciphertext)
+
+
+def key_info(key: str) -> Call[dict[str, Any]]:
+    return Call("GET", f"/v1/transit/keys/{key_segment(key)}", None, lambda body: dict(_data(body)))
+
+
+def health() -> Call[dict[str, Any]]:
+    def parse(body: Mapping[str, Any]) -> dict[str, Any]:
+        # Vault puts health at the top level; accept both that and the usual envelope.
+        data = body.get("data")
+        return dict(data) if isinstance(data, dict) else dict(body)
+
+    # Not ready is a 503 whose body says why: an answer, not an error.
+    return Call("GET", "/v1/sys/health", None, parse, also_ok=frozenset({503}))
+
+
+def status() -> Call[dict[str, Any]]:
+    return Call("GET", "/v1/sidecar/status", None, lambda body: dict(_data(body)))
+
+
+def flush(key: str | None) -> Call[None]:
+    body: dict[str, Any] = {}
+    if key is not None:
+        key_segment(key)  # the same rule as in paths, so a bad name fails here, not on the server
+        body["key"] = key
+    return Call("POST", "/v1/sidecar/cache/flush", body, lambda body: None)
+
+
+def _datakey_path(key: str, wrapped: bool) -> str:
+    return f"/v1/transit/datakey/{'wrapped' if wrapped else 'plaintext'}/{key_segment(key)}"
+
+
+def _datakey_fields(
+    bits: int, context: Mapping[str, str] | None, ttl: Ttl | None
+) -> dict[str, Any]:
+    fields: dict[str, Any] = {"bits": bits}
+    _add_context(fields, context)
+    if ttl is not None:
+        fields["ttl"] = ttl
+    return fields
+
+
+def _add_context(fields: dict[str, Any], context: Mapping[str, str] | None) -> None:
+    # An empty context and no context are the same to the sidecar; send neither.
+    if context:
+        fields["encryption_context"] = dict(context)
+
+
+def key_segment(key: str) -> str:
+    """``key`` made safe for a URL path segment; ``InvalidRequest`` for names no key can have."""
+    if not key or key in (".", "..") or "/" in key or not key.isprintable():
+        raise InvalidRequest(f"{key!r} is not a valid key name.")
+    return quote(key, safe="")
+
+
+def _json_object(raw: bytes) -> dict[str, Any] | None:
+    try:
+        value = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _data(body: Mapping[str, Any]) -> Mapping[str, Any]:
+    data = body.get("data")
+    if not isinstance(data, dict):
+        raise UnexpectedResponse("The sidecar's answer has no 'data' object.")
+    return data
+
+
+def _batch_results(body: Mapping[str, Any], n: int) -> list[Mapping[str, Any]]:
+    """The ``n`` batch results, raising the first item's error if any item failed."""
+    results = _data(body).get("batch_results")
+    if not isinstance(results, list) or len(results) != n:
+        raise UnexpectedResponse(f"The sidecar's answer does not hold {n} batch results.")
+    for result in results:
+        if not isinstance(result, dict):
+            raise UnexpectedResponse(
+                "The sidecar's answer holds a batch result that is not an object."
+            )
+        if "error" in result:
+            raise error_from_answer(
+                status=None,
+                code=result.get("code"),
+                message=result.get("error"),
+                request_id=body.get("request_id"),
+            )
+    return results
+
+
+def _data_key(data: Mapping[str, Any], *, wrapped: bool) -> DataKey:
+    expires_at = data.get("expires_at")
+    if expires_at is not None and not _is_int(expires_at):
+        raise UnexpectedResponse("The sidecar's answer has an invalid 'expires_at'.")
+    return DataKey(
+        plaintext=None if wrapped else _b64(data, "plaintext"),
+        ciphertext=_str(data, "ciphertext"),
+        key_version=_int(data, "key_version"),
+        expires_at=expires_at,
+    )
+
+
+def _ciphertext(body: Mapping[str, Any]) -> str:
+    return _str(_data(body), "ciphertext")
+
+
+def _str(data: Mapping[str, Any], name: str) -> str:
+    value = data.get(name)
+    if not isinstance(value, str) or not value:
+        raise UnexpectedResponse(f"The sidecar's answer has no valid '{name}'.")
+    return value
+
+
+def _int(data: Mapping[str, Any], name: str) -> int:
+    value = data.get(name)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise UnexpectedResponse(f"The sidecar's answer has no valid '{name}'.")
+    return value
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _b64(data: Mapping[str, Any], name: str) -> bytes:
+    value = data.get(name)
+    if not isinstance(value, str):
+        raise UnexpectedResponse(f"The sidecar's answer has no valid '{name}'.")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise UnexpectedResponse(f"The sidecar's answer has no valid '{name}'.") from None
