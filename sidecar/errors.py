@@ -30,6 +30,9 @@ class SidecarError(Exception):
 
     code: ClassVar[str] = "internal"
     default_message: ClassVar[str] = "The sidecar failed to handle the request."
+    #: Set by clients on errors rebuilt from a response: its HTTP status and request id.
+    status: int | None = None
+    request_id: str | None = None
 
     def __init__(self, message: str | None = None) -> None:
         super().__init__(message or self.default_message)

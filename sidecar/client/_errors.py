@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import time
 from email.utils import parsedate_to_datetime
-from typing import Any
 
 from sidecar.errors import DecryptionFailed, RateLimited, SidecarError, error_for_code
 
@@ -119,10 +118,5 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float:
 
 
 def _annotate(exc: SidecarError, *, status: int | None, request_id: str | None) -> None:
-    _set(exc, "status", status)
-    _set(exc, "request_id", request_id)
-
-
-def _set(exc: SidecarError, name: str, value: Any) -> None:
-    # sidecar.errors does not declare these attributes, so mypy would refuse a plain assignment.
-    setattr(exc, name, value)
+    exc.status = status
+    exc.request_id = request_id

@@ -11,6 +11,7 @@ import base64
 import json
 import logging
 import os
+import time
 import uuid
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
@@ -29,11 +30,12 @@ from sidecar.errors import (
     SidecarError,
     UnknownPath,
 )
-from sidecar.identity import Identity, PeerCredentials
+from sidecar.identity import ANONYMOUS, Identity
 from sidecar.keys.keyring import Keyring
 from sidecar.server import fields
 from sidecar.server.errors import error_body, error_response, status_for
 from sidecar.server.peer import read_peer_credentials
+from sidecar.server.tls import tls_peer
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,9 @@ UNGUARDED = frozenset({"/v1/sys/health", "/metrics"})
 class Authenticator(Protocol):
     """Turns a request's credentials into an :class:`Identity`; raises ``Unauthenticated``."""
 
-    async def identify(self, peer: PeerCredentials | None, token: str | None) -> Identity: ...
+    async def identify(self, connection: Identity, token: str | None) -> Identity:
+        """``connection`` holds what the socket proved (peer credentials, client certificate)."""
+        ...
 
 
 class Authorizer(Protocol):
@@ -349,11 +353,20 @@ _HTTP_ERRORS: dict[int, type[SidecarError]] = {
 }
 
 
-def _make_middleware(
-    peers: weakref.WeakKeyDictionary[Any, PeerCredentials | None],
-) -> Callable[..., Awaitable[web.StreamResponse]]:
-    import time
+def _connection_identity(transport: Any) -> Identity:
+    """What the connection itself proves: Unix peer credentials, or a verified client cert."""
+    if transport is None:
+        return ANONYMOUS
+    ssl_object = transport.get_extra_info("ssl_object")
+    if ssl_object is not None:
+        return Identity(tls=tls_peer(ssl_object))
+    sock = transport.get_extra_info("socket")
+    return Identity(peer=read_peer_credentials(sock, connected_at=time.time()) if sock else None)
 
+
+def _make_middleware(
+    connections: weakref.WeakKeyDictionary[Any, Identity],
+) -> Callable[..., Awaitable[web.StreamResponse]]:
     @web.middleware
     async def middleware(
         request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -364,14 +377,13 @@ def _make_middleware(
                 return await handler(request)
             transport = request.transport
             try:
-                peer = peers[transport]
-            except KeyError:
-                sock = transport.get_extra_info("socket") if transport else None
-                peer = read_peer_credentials(sock, connected_at=time.time()) if sock else None
+                connection = connections[transport]
+            except KeyError:  # the first request on this connection
+                connection = _connection_identity(transport)
                 if transport is not None:
-                    peers[transport] = peer
+                    connections[transport] = connection
             services = request.app[SERVICES]
-            request[_IDENTITY] = await services.authenticator.identify(peer, _bearer(request))
+            request[_IDENTITY] = await services.authenticator.identify(connection, _bearer(request))
             return await handler(request)
         except SidecarError as exc:
             return error_response(exc, request_id)
@@ -415,14 +427,3 @@ def _version() -> str:
     return __version__
 
 
-__all__ = [
-    "ROUTES",
-    "SERVICES",
-    "UNGUARDED",
-    "Authenticator",
-    "Authorizer",
-    "Services",
-    "build_app",
-    "error_body",
-    "status_for",
-]

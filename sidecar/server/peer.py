@@ -22,6 +22,8 @@ def read_peer_credentials(sock: Any, *, connected_at: float) -> PeerCredentials 
     the same start time across the read, so a pid reused by another program is never trusted.
     Returns ``None`` when the socket is not a Unix socket.
     """
+    if getattr(sock, "family", None) != socket.AF_UNIX:
+        return None
     try:
         raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
     except (OSError, AttributeError):

@@ -15,7 +15,7 @@ from sidecar.backends import open_backend
 from sidecar.backends.base import RootKeyBackend
 from sidecar.config import Config
 from sidecar.errors import PermissionDenied, Unauthenticated
-from sidecar.identity import Identity, PeerCredentials
+from sidecar.identity import Identity
 from sidecar.keys.keyring import Keyring
 from sidecar.server.app import Services, build_app
 from sidecar.server.listener import unix_listener
@@ -26,13 +26,13 @@ log = logging.getLogger(__name__)
 class PeerAuthenticator:
     """Identity from the Unix peer alone; a bearer token is refused, never ignored."""
 
-    async def identify(self, peer: PeerCredentials | None, token: str | None) -> Identity:
+    async def identify(self, connection: Identity, token: str | None) -> Identity:
         if token is not None:
             raise Unauthenticated(
                 "This sidecar does not accept tokens; unset BAO_TOKEN/VAULT_TOKEN or the "
                 "Authorization header and connect over the Unix socket."
             )
-        return Identity(peer=peer)
+        return connection
 
 
 class OwnerOnly:
