@@ -95,7 +95,7 @@ def error_from_answer(
     _annotate(exc, status=status, request_id=request_id if isinstance(request_id, str) else None)
     if known_code is not None and cls.code != known_code:
         # A code this client does not know yet: keep it visible rather than claim "internal".
-        _set(exc, "code", known_code)
+        setattr(exc, "code", known_code)  # noqa: B010 - shadows a ClassVar on this instance only
     return exc
 
 
