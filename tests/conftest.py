@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import os
 import socket
 import threading
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 
 from sidecar.backends.base import RootKeyBackend
+from sidecar.cli import dev_policy
 from sidecar.config import Config, config_from_mapping
 from sidecar.server.run import serve
 
@@ -124,9 +126,19 @@ class RunningSidecar:
             raise self._error
 
 
-def sidecar_config(socket_path: Path, **sections: Any) -> Config:
-    """A config with the socket at ``socket_path`` and the given sections merged in."""
-    raw: dict[str, Any] = {"server": {"socket": str(socket_path), "socket_mode": "0600"}}
+def sidecar_config(socket_path: Path, *, policy: str | None = None, **sections: Any) -> Config:
+    """A config with the socket at ``socket_path`` and the given sections merged in.
+
+    ``policy`` is written to a policy directory beside the socket; by default it allows the
+    user running the tests everything, as ``kms-sidecar dev`` does.
+    """
+    policies = socket_path.parent / f"{socket_path.stem}-policies"
+    policies.mkdir(exist_ok=True)
+    (policies / "test.toml").write_text(dev_policy(os.getuid()) if policy is None else policy)
+    raw: dict[str, Any] = {
+        "server": {"socket": str(socket_path), "socket_mode": "0600"},
+        "policies": {"dir": str(policies)},
+    }
     for name, value in sections.items():
         raw.setdefault(name, {}).update(value)
     return config_from_mapping(raw)

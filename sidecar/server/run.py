@@ -4,42 +4,55 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
-import os
 import signal
 from collections.abc import AsyncIterator, Callable, Mapping
 
 from aiohttp import web
 
+from sidecar.auth import JwtVerifier
 from sidecar.backends import open_backend
 from sidecar.backends.base import RootKeyBackend
 from sidecar.config import Config
-from sidecar.errors import PermissionDenied, Unauthenticated
+from sidecar.errors import ConfigError
 from sidecar.identity import Identity
 from sidecar.keys.keyring import Keyring
+from sidecar.policy import PolicySet, load_policies
 from sidecar.server.app import Services, build_app
 from sidecar.server.listener import unix_listener
+from sidecar.server.tls import ServerTls
 
 log = logging.getLogger(__name__)
 
 
-class PeerAuthenticator:
-    """Identity from the Unix peer alone; a bearer token is refused, never ignored."""
+class CallerAuthenticator:
+    """The connection's facts plus a verified JWT, if one is presented.
+
+    A token that is present but invalid — or present when no JWT verification is configured — is
+    refused by the verifier with 401; it never falls back to the peer credentials.
+    """
+
+    def __init__(self, verifier: JwtVerifier, *, peercred: bool) -> None:
+        self.verifier = verifier
+        self._peercred = peercred
 
     async def identify(self, connection: Identity, token: str | None) -> Identity:
-        if token is not None:
-            raise Unauthenticated(
-                "This sidecar does not accept tokens; unset BAO_TOKEN/VAULT_TOKEN or the "
-                "Authorization header and connect over the Unix socket."
-            )
-        return connection
+        if not self._peercred and connection.peer is not None:
+            connection = dataclasses.replace(connection, peer=None)
+        if token is None:
+            return connection
+        return dataclasses.replace(connection, jwt=await self.verifier.verify(token))
 
 
-class OwnerOnly:
-    """Allows the sidecar's own uid and root, and no one else."""
+class PolicyAuthorizer:
+    """The loaded policy set; ``reload`` swaps it atomically, keeping the old one on error."""
 
-    def __init__(self, uid: int | None = None) -> None:
-        self._uids = {0, os.getuid() if uid is None else uid}
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.policies: PolicySet = load_policies(directory)
+        if not len(self.policies):
+            log.warning("no policy rules in %s: every request will be denied", directory)
 
     def authorize(
         self,
@@ -50,18 +63,34 @@ class OwnerOnly:
         context: Mapping[str, str] | None = None,
         ttl: float | None = None,
     ) -> str:
-        if identity.peer is None or identity.peer.uid not in self._uids:
-            raise PermissionDenied()
-        return "owner"
+        decision = self.policies.authorize(
+            identity, key=key, operation=operation, context=context, ttl=ttl
+        )
+        return decision.rule or ""
+
+    def reload(self) -> bool:
+        try:
+            policies = load_policies(self.directory)
+        except ConfigError as exc:
+            log.error(
+                "policy reload failed, keeping the previous %d rules: %s", len(self.policies), exc
+            )
+            return False
+        self.policies = policies
+        log.info("policies reloaded: %d rules from %s", len(policies), self.directory)
+        return True
 
 
 def build_services(config: Config, backend: RootKeyBackend) -> Services:
+    """Every component of a sidecar for ``config``; raises ``ConfigError`` for bad policy files."""
     keys = {name: (key, config.root_key_name(name)) for name, key in config.keys.items()}
     return Services(
         config=config,
         keyring=Keyring(backend, keys),
-        authenticator=PeerAuthenticator(),
-        authorizer=OwnerOnly(),
+        authenticator=CallerAuthenticator(
+            JwtVerifier(config.auth, base_dir=config.base_dir), peercred=config.auth.peercred
+        ),
+        authorizer=PolicyAuthorizer(config.resolve_path(config.policies.dir)),
     )
 
 
@@ -74,6 +103,11 @@ def make_app(services: Services) -> web.Application:
         yield
         await keyring.backend.close()
 
+    async def verifier_ctx(_: web.Application) -> AsyncIterator[None]:
+        yield
+        if isinstance(services.authenticator, CallerAuthenticator):
+            await services.authenticator.verifier.aclose()
+
     async def pollers_ctx(_: web.Application) -> AsyncIterator[None]:
         tasks = [asyncio.create_task(keyring.refresh(name)) for name in keyring.key_names()]
         tasks += [asyncio.create_task(keyring.poll(name)) for name in keyring.key_names()]
@@ -82,7 +116,7 @@ def make_app(services: Services) -> web.Application:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    app.cleanup_ctx.extend([backend_ctx, pollers_ctx])
+    app.cleanup_ctx.extend([backend_ctx, verifier_ctx, pollers_ctx])
     return app
 
 
@@ -93,51 +127,79 @@ async def serve(
     stop: asyncio.Event | None = None,
     on_ready: Callable[[str], None] | None = None,
 ) -> None:
-    """Run the sidecar until ``stop`` is set or SIGTERM/SIGINT arrives, then drain and exit."""
+    """Run the sidecar until ``stop`` is set or SIGTERM/SIGINT arrives, then drain and exit.
+
+    SIGHUP reloads the policies and the TLS files; a bad new file keeps the old ones.
+    """
     stop = stop or asyncio.Event()
+    server = config.server
     services = build_services(config, backend or open_backend(config))
+    tls = (
+        ServerTls(
+            config.resolve_path(server.tls_cert_file),
+            config.resolve_path(server.tls_key_file),
+            config.resolve_path(server.tls_client_ca_file),
+        )
+        if server.tcp_address
+        else None
+    )
+
+    def reload() -> None:
+        log.info("SIGHUP: reloading policies and TLS files")
+        if isinstance(services.authorizer, PolicyAuthorizer):
+            services.authorizer.reload()
+        if tls is not None:
+            tls.reload()
+
+    handlers: dict[signal.Signals, Callable[[], None]] = {
+        signal.SIGTERM: stop.set,
+        signal.SIGINT: stop.set,
+        signal.SIGHUP: reload,
+    }
     runner = web.AppRunner(
         make_app(services),
         handle_signals=False,
         access_log=None,
-        shutdown_timeout=config.server.drain_timeout,
+        shutdown_timeout=server.drain_timeout,
     )
     loop = asyncio.get_running_loop()
     await runner.setup()
     try:
-        with unix_listener(
-            config.server.socket, config.server.socket_mode_bits, config.server.socket_group
-        ) as sock:
+        with unix_listener(server.socket, server.socket_mode_bits, server.socket_group) as sock:
             await web.SockSite(runner, sock).start()
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            if tls is not None:
+                host, _, port = server.tcp_address.rpartition(":")
+                await web.TCPSite(
+                    runner, host.strip("[]"), int(port), ssl_context=tls.context
+                ).start()
+            for sig, handler in handlers.items():
                 with contextlib.suppress(NotImplementedError, RuntimeError):
-                    loop.add_signal_handler(sig, stop.set)
+                    loop.add_signal_handler(sig, handler)
             log.info(
-                "kms-sidecar ready on %s (backend %s, keys: %s)",
-                config.server.socket,
+                "kms-sidecar ready on %s%s (backend %s, keys: %s)",
+                server.socket,
+                f" and mTLS {server.tcp_address}" if tls else "",
                 services.keyring.backend.kind,
                 ", ".join(services.keyring.key_names()) or "none",
             )
             if on_ready:
-                on_ready(config.server.socket)
+                on_ready(server.socket)
             await stop.wait()
-            log.info(
-                "stopping: draining in-flight requests (up to %.0fs)", config.server.drain_timeout
-            )
+            log.info("stopping: draining in-flight requests (up to %.0fs)", server.drain_timeout)
             await runner.cleanup()
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in handlers:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(sig)
         await runner.cleanup()
     log.info("kms-sidecar stopped")
 
 
-def run(config: Config, **kwargs: object) -> None:
+def run(config: Config) -> None:
     """Run :func:`serve` on uvloop when it is installed, else on asyncio's loop."""
     try:
         import uvloop
     except ImportError:
-        asyncio.run(serve(config, **kwargs))  # type: ignore[arg-type]
+        asyncio.run(serve(config))
     else:
-        uvloop.run(serve(config, **kwargs))  # type: ignore[arg-type]
+        uvloop.run(serve(config))

@@ -12,11 +12,13 @@ import sys
 import threading
 import time
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from sidecar.backends.memory import MemoryBackend
+from sidecar.cli import dev_policy
 from sidecar.devserver import DevOpenBao
 from sidecar.errors import ConfigError
 from sidecar.server.app import ROUTES, UNGUARDED, build_app
@@ -65,8 +67,8 @@ def test_stale_socket_is_replaced_and_live_one_refused(short_tmp: Path) -> None:
         pass
 
 
-def test_every_route_is_guarded_unless_listed() -> None:
-    config = sidecar_config(Path("/nonexistent.sock"), keys={"k": {}})
+def test_every_route_is_guarded_unless_listed(short_tmp: Path) -> None:
+    config = sidecar_config(short_tmp / "unused.sock", keys={"k": {}})
     app = build_app(build_services(config, MemoryBackend({"k": "aes256"})))
     declared = {route.path: route for route in ROUTES}
     for resource in app.router.resources():
@@ -111,7 +113,12 @@ def test_in_flight_requests_drain_on_stop(run_sidecar: Any, short_tmp: Path) -> 
     assert not os.path.exists(sidecar.socket)
 
 
-def test_run_command_serves_and_exits_zero_on_sigterm(openbao: DevOpenBao, short_tmp: Path) -> None:
+def test_run_command_reloads_policies_on_sighup_and_exits_zero_on_sigterm(
+    openbao: DevOpenBao, short_tmp: Path
+) -> None:
+    policies = short_tmp / "policies"
+    policies.mkdir()
+    (policies / "main.toml").write_text(dev_policy(os.getuid()))
     config_file = short_tmp / "sidecar.toml"
     config_file.write_text(
         f"""
@@ -124,25 +131,56 @@ addresses = ["{openbao.address}"]
 token_env = "{TOKEN_ENV}"
 
 [keys.payments]
+
+[policies]
+dir = "policies"
 """
     )
-    started = time.monotonic()
+    sock = str(short_tmp / "r.sock")
+    datakey = "/v1/transit/datakey/plaintext/payments"
     with subprocess.Popen(
         [sys.executable, "-m", "sidecar", "run", "--config", str(config_file)],
         stderr=subprocess.PIPE,
         text=True,
-    ) as proc:
-        sock = str(short_tmp / "r.sock")
-        while not os.path.exists(sock):
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            assert time.monotonic() - started < 30
-            time.sleep(0.02)
-        assert request(sock, "POST", "/v1/transit/datakey/plaintext/payments").status == 200
+    ) as proc, killed_on_exit(proc):
+        assert proc.stderr is not None
+        wait_for(lambda: os.path.exists(sock), proc)
+        assert request(sock, "POST", datakey).status == 200
+
+        (policies / "main.toml").write_text("[[allow]]\nname = 'broken'\nkeys = [\n")
+        proc.send_signal(signal.SIGHUP)
+        line = ""
+        while "policy reload failed" not in line:
+            line = proc.stderr.readline()
+            assert line, "the sidecar exited"
+        assert "main.toml:3:" in line, "the log names the file and line"
+        assert request(sock, "POST", datakey).status == 200, "a bad file keeps the old rules"
+
+        (policies / "main.toml").write_text(dev_policy(os.getuid() + 1))  # someone else
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: request(sock, "POST", datakey).status == 403, proc)
+
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
         assert not os.path.exists(sock)
+
+
+@contextlib.contextmanager
+def killed_on_exit(proc: subprocess.Popen[str]) -> Iterator[None]:
+    """Never leave a child running when a test fails."""
+    try:
+        yield
+    finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def wait_for(condition: Any, proc: subprocess.Popen[str], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, "the sidecar exited"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
 
 
 def test_dev_command_prints_socket_and_serves(short_tmp: Path) -> None:
@@ -152,7 +190,7 @@ def test_dev_command_prints_socket_and_serves(short_tmp: Path) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
-    ) as proc:
+    ) as proc, killed_on_exit(proc):
         assert proc.stdout is not None
         lines = []
         for line in proc.stdout:
@@ -174,8 +212,6 @@ def test_dev_command_prints_socket_and_serves(short_tmp: Path) -> None:
         assert answer.status == 200
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) == 0
-        if proc.poll() is None:
-            proc.kill()
 
 
 def test_start_with_unreachable_upstream_reports_unhealthy(
