@@ -233,7 +233,7 @@ def _convert(hint: Any, value: Any, path: str, duration: bool) -> Any:
     if origin is tuple:
         (item_type, _) = typing.get_args(hint)
         if not isinstance(value, list):
-            raise ConfigError(f"{path}: expected a list of {item_type.__name__}")
+            raise ConfigError(f"{path}: expected a list of {_type_name(item_type).split()[-1]}s")
         return tuple(_convert(item_type, v, f"{path}[{i}]", False) for i, v in enumerate(value))
     if origin in (typing.Union, types.UnionType):  # pragma: no cover - no optional keys yet
         raise ConfigError(f"{path}: unsupported type")
@@ -291,11 +291,15 @@ def _validate(config: Config) -> None:
     for name, key in config.keys.items():
         if not _KEY_NAME.match(name):
             raise ConfigError(f"keys.{name}: key names are letters, digits, '_', '.' and '-'")
-        if key.kek_max_uses <= 0:
-            raise ConfigError(f"keys.{name}.kek_max_uses: must be positive")
+        if not 0 < key.kek_max_uses <= 1 << 31:
+            raise ConfigError(
+                f"keys.{name}.kek_max_uses: must be between 1 and 2^31 (random-nonce AES-GCM limit)"
+            )
         if key.kek_ttl <= 0:
             raise ConfigError(f"keys.{name}.kek_ttl: must be positive")
         if key.root_poll_interval <= 0:
             raise ConfigError(f"keys.{name}.root_poll_interval: must be positive")
+    if config.telemetry.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError("telemetry.log_level: expected DEBUG, INFO, WARNING or ERROR")
     if config.telemetry.log_format not in ("text", "json"):
         raise ConfigError("telemetry.log_format: expected 'text' or 'json'")

@@ -87,8 +87,9 @@ _REQUIRED_CLAIMS: Final = ["exp", "iss", "aud"]
 _PRINTABLE_ALG = re.compile(r"^[A-Za-z0-9_-]{1,16}$")
 
 NOT_ACCEPTED: Final = (
-    "this sidecar does not accept JWTs; call it without a token (it identifies local callers by "
-    "their Unix peer credentials) or configure auth.jwt_* to accept them"
+    "this sidecar does not accept tokens; call it without one (unset BAO_TOKEN/VAULT_TOKEN and "
+    "remove ~/.vault-token: local callers are known by their Unix peer credentials), or "
+    "configure auth.jwt_* to accept JWTs"
 )
 
 

@@ -221,16 +221,17 @@ class Keyring:
     def flush(self, key_name: str | None = None) -> int:
         """Drop cached KEKs (all keys, or one); the next use fetches afresh. Returns how many."""
         names = list(self._keys) if key_name is None else [key_name]
-        dropped = 0
+        dropped: set[bytes] = set()
         for name in names:
             state = self._state(name)
-            if state.live is not None:
-                state.live = None
-                dropped += 1
+            for kek in (state.live, state.next):
+                if kek is not None:
+                    dropped.add(kek.kek_id)
+            state.live = state.next = None
             for kek_id in [k for k, v in self._cache.items() if v.key_name == name]:
                 del self._cache[kek_id]
-                dropped += 1
-        return dropped
+                dropped.add(kek_id)
+        return len(dropped)
 
     async def refresh(self, key_name: str) -> None:
         """Re-read the root key's versions; a newer version retires the live KEK.

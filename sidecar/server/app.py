@@ -26,14 +26,14 @@ from sidecar.errors import (
     InvalidRequest,
     MethodNotAllowed,
     PayloadTooLarge,
-    PermissionDenied,
     SidecarError,
     UnknownPath,
 )
 from sidecar.identity import ANONYMOUS, Identity
 from sidecar.keys.keyring import Keyring
+from sidecar.policy import permission_denied
 from sidecar.server import fields
-from sidecar.server.errors import error_body, error_response, status_for
+from sidecar.server.errors import error_response
 from sidecar.server.peer import read_peer_credentials
 from sidecar.server.tls import tls_peer
 
@@ -93,9 +93,13 @@ class Call:
     operation: str
 
     def authorize(self, context: Mapping[str, str] | None = None, ttl: float | None = None) -> str:
-        return self.services.authorizer.authorize(
+        """The allowing rule's name. An unknown key is refused exactly like a forbidden one."""
+        rule = self.services.authorizer.authorize(
             self.identity, key=self.key, operation=self.operation, context=context, ttl=ttl
         )
+        if not self.services.keyring.has_key(self.key):
+            raise permission_denied(self.operation, self.key)
+        return rule
 
 
 ItemHandler = Callable[[Call, Mapping[str, Any]], Awaitable[dict[str, Any]]]
@@ -252,7 +256,7 @@ async def _flush(request: web.Request) -> web.Response:
         raise InvalidRequest("Field 'key' must be a key name.")
     services.authorizer.authorize(request[_IDENTITY], key=key, operation="flush")
     if key is not None and not services.keyring.has_key(key):
-        raise PermissionDenied()
+        raise permission_denied("flush", key)
     dropped = services.keyring.flush(key)
     log.info("cache flushed for %s: %d KEKs dropped", key or "all keys", dropped)
     return _data_response(request, {"flushed": key or "*", "keks_dropped": dropped})
@@ -314,7 +318,7 @@ ROUTES: tuple[Route, ...] = (
     ),
     Route(("GET",), "/v1/sidecar/status", _status, "status"),
     Route(_WRITE, "/v1/sidecar/cache/flush", _flush, "flush"),
-    Route(("GET",), "/v1/sys/health", _health, None),
+    Route(("GET", "HEAD"), "/v1/sys/health", _health, None),
 )
 
 
@@ -396,7 +400,10 @@ def _make_middleware(
                 return error_response(
                     mapped(f"The request body exceeds {limit} bytes."), request_id
                 )
-            return error_response(mapped(), request_id)
+            response = error_response(mapped(), request_id)
+            if isinstance(exc, web.HTTPMethodNotAllowed):
+                response.headers["Allow"] = ", ".join(sorted(exc.allowed_methods))
+            return response
         except Exception:
             log.exception(
                 "internal error in %s %s (request %s)", request.method, request.path, request_id
@@ -425,5 +432,3 @@ def _version() -> str:
     from sidecar import __version__
 
     return __version__
-
-

@@ -63,15 +63,14 @@ def ttl_field(item: Mapping[str, Any]) -> float | None:
     value = item.get("ttl")
     if value is None or value == "" or value == 0:
         return None
+    if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
+        raise InvalidRequest("Field 'ttl' must be positive.")
     try:
-        seconds = parse_duration(value)
+        return parse_duration(value)
     except (ValueError, TypeError):
         raise InvalidRequest(
             "Field 'ttl' must be seconds or a duration like '90s' or '5m'."
         ) from None
-    if seconds <= 0:
-        raise InvalidRequest("Field 'ttl' must be positive.")
-    return seconds
 
 
 def bits_field(item: Mapping[str, Any]) -> int:

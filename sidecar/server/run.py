@@ -15,7 +15,7 @@ from sidecar.auth import JwtVerifier
 from sidecar.backends import open_backend
 from sidecar.backends.base import RootKeyBackend
 from sidecar.config import Config
-from sidecar.errors import ConfigError
+from sidecar.errors import ConfigError, Unauthenticated
 from sidecar.identity import Identity
 from sidecar.keys.keyring import Keyring
 from sidecar.policy import PolicySet, load_policies
@@ -42,7 +42,11 @@ class CallerAuthenticator:
             connection = dataclasses.replace(connection, peer=None)
         if token is None:
             return connection
-        return dataclasses.replace(connection, jwt=await self.verifier.verify(token))
+        try:
+            claims = await self.verifier.verify(token)
+        except Unauthenticated as exc:
+            raise Unauthenticated(f"The token was refused: {exc.message}.") from None
+        return dataclasses.replace(connection, jwt=claims)
 
 
 class PolicyAuthorizer:
@@ -165,7 +169,8 @@ async def serve(
     loop = asyncio.get_running_loop()
     await runner.setup()
     try:
-        with unix_listener(server.socket, server.socket_mode_bits, server.socket_group) as sock:
+        socket_path = config.resolve_path(server.socket)
+        with unix_listener(socket_path, server.socket_mode_bits, server.socket_group) as sock:
             await web.SockSite(runner, sock).start()
             if tls is not None:
                 host, _, port = server.tcp_address.rpartition(":")
@@ -177,13 +182,13 @@ async def serve(
                     loop.add_signal_handler(sig, handler)
             log.info(
                 "kms-sidecar ready on %s%s (backend %s, keys: %s)",
-                server.socket,
+                socket_path,
                 f" and mTLS {server.tcp_address}" if tls else "",
                 services.keyring.backend.kind,
                 ", ".join(services.keyring.key_names()) or "none",
             )
             if on_ready:
-                on_ready(server.socket)
+                on_ready(socket_path)
             await stop.wait()
             log.info("stopping: draining in-flight requests (up to %.0fs)", server.drain_timeout)
             await runner.cleanup()

@@ -38,7 +38,7 @@ class ServerTls:
             context.load_verify_locations(cafile=ca_file)
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(
-                f"server.tls_*: cannot load the TLS files ({cert_file}, {key_file}, {ca_file}): {exc}"
+                f"server.tls_*: cannot load {cert_file}, {key_file} or {ca_file}: {exc}"
             ) from None
         return context
 
@@ -68,6 +68,10 @@ def tls_peer(ssl_object: Any) -> TlsPeer | None:
     except x509.ExtensionNotFound:
         san = None
     if san is not None:
-        uris = [u for u in san.get_values_for_type(x509.UniformResourceIdentifier) if u.startswith("spiffe://")]
+        uris = [
+            u
+            for u in san.get_values_for_type(x509.UniformResourceIdentifier)
+            if u.startswith("spiffe://")
+        ]
         spiffe_id = uris[0] if uris else None
     return TlsPeer(spiffe_id=spiffe_id, subject=cert.subject.rfc4514_string())
