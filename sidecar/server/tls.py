@@ -7,7 +7,6 @@ import ssl
 from typing import Any
 
 from cryptography import x509
-from cryptography.x509.oid import ExtensionOID
 
 from sidecar.errors import ConfigError
 from sidecar.identity import TlsPeer
@@ -64,7 +63,7 @@ def tls_peer(ssl_object: Any) -> TlsPeer | None:
     cert = x509.load_der_x509_certificate(der)
     spiffe_id = None
     try:
-        san = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME).value
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         san = None
     if san is not None:
