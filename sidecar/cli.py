@@ -12,7 +12,7 @@ from pathlib import Path
 
 from sidecar import __version__
 from sidecar.config import CONFIG_ENV, Config, load_config
-from sidecar.errors import ConfigError
+from sidecar.errors import ConfigError, SidecarError
 
 log = logging.getLogger("sidecar")
 
@@ -42,11 +42,65 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    """Validate the file and build every component from it, without connecting anywhere."""
+    import asyncio
+
+    from sidecar.backends import open_backend
+    from sidecar.policy import load_policies
+    from sidecar.server.run import build_services
+
     config = _config_from(args)
+    backend = open_backend(config)
+    try:
+        build_services(config, backend)
+    finally:
+        asyncio.run(backend.close())
+    rules = len(load_policies(config.resolve_path(config.policies.dir)))
     print(
-        f"configuration OK: backend {config.backend.type}, keys: {', '.join(config.keys) or 'none'}"
+        f"configuration OK: backend {config.backend.type}, "
+        f"keys: {', '.join(config.keys) or 'none'}, {rules} policy rules"
     )
+    if not config.keys:
+        print("warning: no keys are configured; health will answer 503", file=sys.stderr)
     return 0
+
+
+def cmd_policy_check(args: argparse.Namespace) -> int:
+    """Explain the decision for one identity, key and operation; exit 0 allow, 1 deny."""
+    import asyncio
+
+    from sidecar.auth import JwtVerifier
+    from sidecar.identity import Identity, JwtClaims, PeerCredentials, TlsPeer
+    from sidecar.policy import explain, load_policies
+
+    config = _config_from(args)
+    policies = load_policies(config.resolve_path(config.policies.dir))
+    peer = None
+    if args.uid is not None:
+        gid = args.gid if args.gid is not None else args.uid
+        peer = PeerCredentials(uid=args.uid, gid=gid, pid=0, exe=args.exe)
+    jwt: JwtClaims | None = None
+    if args.jwt:
+        verifier = JwtVerifier(config.auth, base_dir=config.base_dir)
+
+        async def verify() -> JwtClaims:
+            try:
+                return await verifier.verify(args.jwt)
+            finally:
+                await verifier.aclose()
+
+        jwt = asyncio.run(verify())
+    tls = TlsPeer(spiffe_id=args.spiffe_id, subject="") if args.spiffe_id else None
+    context = {}
+    for pair in args.context or []:
+        name, sep, value = pair.partition("=")
+        if not sep:
+            raise ConfigError(f"--context expects NAME=VALUE, got {pair!r}")
+        context[name] = value
+    identity = Identity(peer=peer, jwt=jwt, tls=tls)
+    decision, text = explain(policies, identity, args.key, args.op, context or None, args.ttl)
+    print(text)
+    return 0 if decision.allowed else 1
 
 
 def default_dev_socket() -> str:
@@ -135,6 +189,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-config", help="validate a configuration file")
     p.add_argument("--config", help=f"config file (default: ${CONFIG_ENV})")
     p.set_defaults(func=cmd_check_config)
+
+    policy = sub.add_parser("policy", help="policy tools").add_subparsers(
+        dest="action", required=True
+    )
+    p = policy.add_parser("check", help="explain the decision for an identity, key and operation")
+    p.add_argument("--config", help=f"config file (default: ${CONFIG_ENV})")
+    p.add_argument("--uid", type=int, help="caller's Unix uid")
+    p.add_argument("--gid", type=int, help="caller's Unix gid (default: the uid)")
+    p.add_argument("--exe", help="caller's executable path")
+    p.add_argument("--jwt", help="a JWT the caller presents (verified as the sidecar would)")
+    p.add_argument("--spiffe-id", help="the SPIFFE ID of the caller's client certificate")
+    p.add_argument("--key", required=True, help="key name")
+    p.add_argument("--op", required=True, help="operation, e.g. datakey, decrypt, rotate")
+    p.add_argument("--context", action="append", metavar="NAME=VALUE", help="encryption context")
+    p.add_argument("--ttl", type=float, help="requested ttl in seconds (datakey)")
+    p.set_defaults(func=cmd_policy_check)
     return parser
 
 
@@ -144,6 +214,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except ConfigError as exc:
         print(f"kms-sidecar: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except SidecarError as exc:
+        print(f"kms-sidecar: {exc.message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
