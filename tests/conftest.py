@@ -17,6 +17,7 @@ import pytest
 from sidecar.backends.base import RootKeyBackend
 from sidecar.cli import dev_policy
 from sidecar.config import Config, config_from_mapping
+from sidecar.devserver import DevOpenBao
 from sidecar.server.run import serve
 
 
@@ -169,3 +170,27 @@ def run_sidecar() -> Iterator[Any]:
     yield start
     for sidecar in started:
         sidecar.stop()
+
+
+TOKEN_ENV = "KMS_SIDECAR_TEST_VAULT_TOKEN"
+
+
+@pytest.fixture(scope="session")
+def openbao() -> Iterator[DevOpenBao]:
+    """A real OpenBao dev server with transit keys payments, default, orders and local."""
+    with DevOpenBao() as bao:
+        for name in ("payments", "default", "orders", "local"):
+            bao.create_key(name)
+        os.environ[TOKEN_ENV] = bao.root_token
+        yield bao
+        os.environ.pop(TOKEN_ENV, None)
+
+
+def vault_sections(
+    bao: DevOpenBao, keys: dict[str, dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """Config sections for a vault backend on ``bao`` (keys payments and default by default)."""
+    return {
+        "backend": {"type": "vault", "vault": {"addresses": [bao.address], "token_env": TOKEN_ENV}},
+        "keys": keys if keys is not None else {"payments": {}, "default": {}},
+    }

