@@ -1,0 +1,442 @@
+"""Who may call, over real sockets: JWT tenants, mTLS SPIFFE IDs, deny-wins and rate limits.
+
+Real OpenBao behind the sidecar, a JWKS served over loopback HTTP, TLS 1.3 handshakes with
+certificates made by ``cryptography`` in fixtures.
+"""
+
+from __future__ import annotations
+
+import datetime
+import http.client
+import json
+import os
+import socket
+import ssl
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from sidecar.devserver import DevOpenBao, free_port
+from tests.conftest import TOKEN_ENV, RunningSidecar, openbao, sidecar_config, vault_sections
+from tests.security.test_jwt import AUDIENCE, ISSUER, Keys, jwks_endpoint, keys  # fixtures
+
+__all__ = ["jwks_endpoint", "keys", "openbao"]
+
+UID = os.getuid()
+DATAKEY = "/v1/transit/datakey/plaintext/payments"
+
+POLICY = f"""
+[[allow]]
+name = "tenant-jwt"
+when.jwt_iss = "{ISSUER}"
+keys = ["payments"]
+operations = ["datakey", "decrypt"]
+context.tenant = "{{jwt.claims.tenant}}"
+
+[[allow]]
+name = "mesh-prod"
+when.spiffe_id = "spiffe://example.org/ns/prod/sa/*"
+keys = ["payments"]
+operations = ["datakey"]
+
+[[allow]]
+name = "local-limited"
+when.unix_uid = [{UID}]
+keys = ["local"]
+operations = ["datakey"]
+rate = "5/s"
+
+[[allow]]
+name = "local-orders"
+when.unix_uid = [{UID}]
+keys = ["orders"]
+operations = ["*"]
+
+[[deny]]
+name = "orders-frozen"
+when.unix_uid = [{UID}]
+keys = ["orders"]
+operations = ["rotate"]
+"""
+
+
+def token(private: Any, kid: str = "rsa-1", **claims: Any) -> str:
+    now = int(time.time())
+    body = {
+        "iss": ISSUER,
+        "aud": AUDIENCE,
+        "sub": "tenant-app",
+        "iat": now,
+        "nbf": now,
+        "exp": now + 300,
+    }
+    body.update(claims)
+    return jwt.encode(body, private, algorithm="RS256", headers={"kid": kid})
+
+
+@pytest.fixture
+def guarded(
+    openbao: DevOpenBao,
+    run_sidecar: Any,
+    short_tmp: Path,
+    jwks_endpoint: Any,
+    tls_files: TlsFiles,
+) -> RunningSidecar:
+    sections = vault_sections(openbao, {"payments": {}, "local": {}, "orders": {}})
+    sidecar: RunningSidecar = run_sidecar(
+        sidecar_config(
+            short_tmp / "g.sock",
+            policy=POLICY,
+            auth={
+                "jwt_issuer": ISSUER,
+                "jwt_audiences": [AUDIENCE],
+                "jwt_jwks_url": jwks_endpoint.url,
+            },
+            server={
+                "tcp_address": f"127.0.0.1:{tls_files.port}",
+                "tls_cert_file": str(tls_files.server_cert),
+                "tls_key_file": str(tls_files.server_key),
+                "tls_client_ca_file": str(tls_files.ca_cert),
+            },
+            **sections,
+        )
+    )
+    return sidecar
+
+
+# -- JWT ----------------------------------------------------------------------------------
+
+
+def test_jwt_caller_gets_keys_only_for_its_own_tenant(guarded: RunningSidecar, keys: Keys) -> None:
+    acme = {"Authorization": f"Bearer {token(keys.rsa_key, tenant='acme')}"}
+    made = guarded.request(
+        "POST", DATAKEY, {"encryption_context": {"tenant": "acme"}}, headers=acme
+    )
+    assert made.status == 200, made
+    other = guarded.request(
+        "POST", DATAKEY, {"encryption_context": {"tenant": "globex"}}, headers=acme
+    )
+    assert other.status == 403 and other.code == "permission_denied"
+    none = guarded.request("POST", DATAKEY, headers=acme)
+    assert none.status == 403, "a missing context value does not match the binding"
+    # X-Vault-Token works the same, so BAO_TOKEN=<jwt> works
+    opened = guarded.request(
+        "POST",
+        "/v1/transit/decrypt/payments",
+        {"ciphertext": made.data["ciphertext"], "encryption_context": {"tenant": "acme"}},
+        headers={"X-Vault-Token": token(keys.rsa_key, tenant="acme")},
+    )
+    assert opened.status == 200 and opened.data["plaintext"] == made.data["plaintext"]
+    globex = {"Authorization": f"Bearer {token(keys.rsa_key, tenant='globex')}"}
+    stolen = guarded.request(
+        "POST",
+        "/v1/transit/decrypt/payments",
+        {"ciphertext": made.data["ciphertext"], "encryption_context": {"tenant": "acme"}},
+        headers=globex,
+    )
+    assert stolen.status == 403, "another tenant cannot open acme's keys"
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["expired", "wrong issuer", "wrong audience", "unknown key", "garbage", "alg none"],
+)
+def test_hostile_tokens_are_401_over_the_socket(
+    guarded: RunningSidecar, keys: Keys, case: str
+) -> None:
+    now = int(time.time())
+    tokens = {
+        "expired": token(
+            keys.rsa_key, tenant="acme", exp=now - 3600, iat=now - 7200, nbf=now - 7200
+        ),
+        "wrong issuer": token(keys.rsa_key, tenant="acme", iss="https://evil.test"),
+        "wrong audience": token(keys.rsa_key, tenant="acme", aud="someone-else"),
+        "unknown key": token(keys.stranger, kid="rsa-1", tenant="acme"),
+        "garbage": "not.a.jwt",
+        "alg none": jwt.encode(
+            {"iss": ISSUER, "aud": AUDIENCE, "exp": now + 60, "tenant": "acme"},
+            None,
+            algorithm="none",
+        ),
+    }
+    answer = guarded.request(
+        "POST",
+        DATAKEY,
+        {"encryption_context": {"tenant": "acme"}},
+        headers={"Authorization": f"Bearer {tokens[case]}"},
+    )
+    assert answer.status == 401 and answer.code == "unauthenticated", answer
+    assert answer.json["errors"][0].startswith("The token was refused:")
+    assert tokens[case] not in answer.raw.decode()
+
+
+# -- peer credentials: deny wins, rate limits ----------------------------------------------
+
+
+def test_deny_rule_wins_over_allow(guarded: RunningSidecar) -> None:
+    assert guarded.request("POST", "/v1/transit/datakey/plaintext/orders").status == 200
+    denied = guarded.request("POST", "/v1/transit/keys/orders/rotate")
+    assert denied.status == 403 and denied.code == "permission_denied"
+
+
+def test_unknown_key_is_refused_exactly_like_a_forbidden_one(guarded: RunningSidecar) -> None:
+    forbidden = guarded.request("POST", "/v1/transit/datakey/plaintext/payments")  # no rule for uid
+    unknown = guarded.request("POST", "/v1/transit/datakey/plaintext/nosuch")
+    assert forbidden.status == unknown.status == 403
+    assert forbidden.json["errors"][0].replace("payments", "X") == unknown.json["errors"][
+        0
+    ].replace("nosuch", "X")
+
+
+def test_rate_limit_answers_429_with_retry_after(guarded: RunningSidecar) -> None:
+    answers = [guarded.request("POST", "/v1/transit/datakey/plaintext/local") for _ in range(12)]
+    statuses = [a.status for a in answers]
+    assert statuses.count(200) >= 5 and 429 in statuses, statuses
+    limited = next(a for a in answers if a.status == 429)
+    assert limited.code == "rate_limited" and int(limited.headers["Retry-After"]) >= 1
+
+
+# -- mTLS ----------------------------------------------------------------------------------
+
+
+@dataclass
+class TlsFiles:
+    dir: Path
+    port: int
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+    ca_key: ec.EllipticCurvePrivateKey
+
+    def client(
+        self,
+        name: str,
+        *,
+        spiffe_id: str | None,
+        ca: tuple[x509.Certificate, Any] | None = None,
+        expired: bool = False,
+    ) -> tuple[Path, Path]:
+        issuer_cert, issuer_key = ca or (
+            x509.load_pem_x509_certificate(self.ca_cert.read_bytes()),
+            self.ca_key,
+        )
+        key = ec.generate_private_key(ec.SECP256R1())
+        sans: list[x509.GeneralName] = (
+            [x509.UniformResourceIdentifier(spiffe_id)] if spiffe_id else [x509.DNSName(name)]
+        )
+        cert = _cert(
+            name,
+            key.public_key(),
+            issuer_cert.subject,
+            issuer_key,
+            sans=sans,
+            expired=expired,
+            client=True,
+        )
+        return _write(self.dir, name, cert, key)
+
+
+def _cert(
+    name: str,
+    public_key: Any,
+    issuer: x509.Name,
+    signing_key: Any,
+    *,
+    sans: list[x509.GeneralName] | None = None,
+    ca: bool = False,
+    client: bool = False,
+    expired: bool = False,
+) -> x509.Certificate:
+    now = datetime.datetime.now(datetime.timezone.utc)
+    start, end = (
+        (now - datetime.timedelta(days=30), now - datetime.timedelta(days=1))
+        if expired
+        else (now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=1))
+    )
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    if not ca:
+        usage = (
+            x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH
+            if client
+            else x509.oid.ExtendedKeyUsageOID.SERVER_AUTH
+        )
+        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+    return builder.sign(signing_key, hashes.SHA256())
+
+
+def _write(directory: Path, name: str, cert: x509.Certificate, key: Any) -> tuple[Path, Path]:
+    cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+def _new_ca(name: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    return _cert(name, key.public_key(), subject, key, ca=True), key
+
+
+@pytest.fixture
+def tls_files(short_tmp: Path) -> TlsFiles:
+    ca_cert, ca_key = _new_ca("kms test CA")
+    (short_tmp / "ca.crt").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    import ipaddress
+
+    server = _cert(
+        "sidecar",
+        server_key.public_key(),
+        ca_cert.subject,
+        ca_key,
+        sans=[x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
+    )
+    cert_path, key_path = _write(short_tmp, "server", server, server_key)
+    return TlsFiles(short_tmp, free_port(), short_tmp / "ca.crt", cert_path, key_path, ca_key)
+
+
+def mtls_request(
+    files: TlsFiles, client: tuple[Path, Path] | None, *, tls12: bool = False
+) -> tuple[int, dict[str, Any]]:
+    context = ssl.create_default_context(cafile=str(files.ca_cert))
+    if tls12:
+        context.maximum_version = ssl.TLSVersion.TLSv1_2
+    if client:
+        context.load_cert_chain(str(client[0]), str(client[1]))
+    conn = http.client.HTTPSConnection("127.0.0.1", files.port, context=context, timeout=10)
+    try:
+        conn.request("POST", DATAKEY, body=b"")
+        response = conn.getresponse()
+        return response.status, json.loads(response.read() or b"{}")
+    finally:
+        conn.close()
+
+
+def test_mtls_caller_is_known_by_its_spiffe_id(
+    guarded: RunningSidecar, tls_files: TlsFiles
+) -> None:
+    prod = tls_files.client("api", spiffe_id="spiffe://example.org/ns/prod/sa/api")
+    status, body = mtls_request(tls_files, prod)
+    assert status == 200, body
+    assert body["data"]["ciphertext"].startswith("sidecar:v")
+    staging = tls_files.client("stg", spiffe_id="spiffe://example.org/ns/staging/sa/api")
+    status, body = mtls_request(tls_files, staging)
+    assert status == 403 and body["code"] == "permission_denied"
+
+
+@pytest.mark.parametrize("case", ["no certificate", "another CA", "expired", "TLS 1.2"])
+def test_mtls_refuses_bad_clients_at_the_handshake(
+    guarded: RunningSidecar, tls_files: TlsFiles, case: str
+) -> None:
+    spiffe = "spiffe://example.org/ns/prod/sa/api"
+    client = {
+        "no certificate": None,
+        "another CA": tls_files.client("rogue", spiffe_id=spiffe, ca=_new_ca("rogue CA")),
+        "expired": tls_files.client("old", spiffe_id=spiffe, expired=True),
+        "TLS 1.2": tls_files.client("legacy", spiffe_id=spiffe),
+    }[case]
+    with pytest.raises((ssl.SSLError, ConnectionError, socket.error)):
+        mtls_request(tls_files, client, tls12=case == "TLS 1.2")
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+def _served_serial(files: TlsFiles) -> int:
+    context = ssl.create_default_context(cafile=str(files.ca_cert))
+    client = files.client("probe", spiffe_id="spiffe://example.org/ns/prod/sa/probe")
+    context.load_cert_chain(str(client[0]), str(client[1]))
+    with (
+        socket.create_connection(("127.0.0.1", files.port), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+def test_sighup_reloads_tls_files_and_keeps_old_ones_if_broken(
+    openbao: DevOpenBao, tls_files: TlsFiles
+) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from tests.integration.test_lifecycle import killed_on_exit, wait_for
+
+    config = tls_files.dir / "sidecar.toml"
+    (tls_files.dir / "policies").mkdir()
+    config.write_text(
+        f"""
+[server]
+socket = "{tls_files.dir / "t.sock"}"
+tcp_address = "127.0.0.1:{tls_files.port}"
+tls_cert_file = "server.crt"
+tls_key_file = "server.key"
+tls_client_ca_file = "ca.crt"
+[backend.vault]
+addresses = ["{openbao.address}"]
+token_env = "{TOKEN_ENV}"
+[keys.payments]
+"""
+    )
+    with (
+        subprocess.Popen(
+            [sys.executable, "-m", "sidecar", "run", "--config", str(config)],
+            stderr=subprocess.DEVNULL,
+        ) as proc,
+        killed_on_exit(proc),
+    ):
+        wait_for(lambda: _listening(tls_files.port), proc)
+        first = _served_serial(tls_files)
+        ca = x509.load_pem_x509_certificate(tls_files.ca_cert.read_bytes())
+        key = ec.generate_private_key(ec.SECP256R1())
+        import ipaddress
+
+        renewed = _cert(
+            "sidecar",
+            key.public_key(),
+            ca.subject,
+            tls_files.ca_key,
+            sans=[x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
+        )
+        _write(tls_files.dir, "server", renewed, key)
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: _served_serial(tls_files) == renewed.serial_number, proc)
+        assert renewed.serial_number != first
+        tls_files.server_cert.write_text("not a certificate")
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)  # nothing to poll for: the point is that nothing changes
+        assert _served_serial(tls_files) == renewed.serial_number
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
