@@ -103,6 +103,33 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
     return 0 if decision.allowed else 1
 
 
+def cmd_rewrap(args: argparse.Namespace) -> int:
+    """Rewrap blobs from stdin to stdout under the newest root version; progress on stderr."""
+    import asyncio
+
+    from sidecar.backends import open_backend
+    from sidecar.keys.keyring import Keyring
+    from sidecar.keys.migrate import rewrap_stream
+
+    config = _config_from(args)
+    if args.key not in config.keys:
+        raise ConfigError(f"--key {args.key!r} is not configured under [keys]")
+
+    async def rewrap() -> int:
+        backend = open_backend(config)
+        try:
+            keyring = Keyring(
+                backend, {args.key: (config.keys[args.key], config.root_key_name(args.key))}
+            )
+            await keyring.key_info(args.key)  # fail fast when the upstream is unreachable
+            report = await rewrap_stream(keyring, args.key, sys.stdin, sys.stdout, sys.stderr)
+        finally:
+            await backend.close()
+        return 1 if report.failed else 0
+
+    return asyncio.run(rewrap())
+
+
 def default_dev_socket() -> str:
     runtime = os.environ.get("XDG_RUNTIME_DIR") or os.path.join(
         tempfile.gettempdir(), f"kms-sidecar-{os.getuid()}"
@@ -189,6 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-config", help="validate a configuration file")
     p.add_argument("--config", help=f"config file (default: ${CONFIG_ENV})")
     p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser(
+        "rewrap", help="rewrap blobs (one a line, stdin → stdout) under the newest root version"
+    )
+    p.add_argument("--config", help=f"config file (default: ${CONFIG_ENV})")
+    p.add_argument("--key", required=True, help="the key the blobs belong to")
+    p.set_defaults(func=cmd_rewrap)
 
     policy = sub.add_parser("policy", help="policy tools").add_subparsers(
         dest="action", required=True

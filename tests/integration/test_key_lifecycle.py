@@ -1,0 +1,140 @@
+"""Rotation, min_decryption_version, revocation and rewrap, against a real OpenBao."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sidecar.devserver import DevOpenBao
+from tests.conftest import TOKEN_ENV, RunningSidecar, sidecar_config, vault_sections
+
+
+@pytest.fixture
+def key(openbao: DevOpenBao) -> str:
+    """A transit key of this test's own, so versions moved here affect no other test."""
+    name = f"life-{uuid.uuid4().hex[:8]}"
+    openbao.create_key(name)
+    return name
+
+
+@pytest.fixture
+def polled(openbao: DevOpenBao, run_sidecar: Any, short_tmp: Path, key: str) -> RunningSidecar:
+    sections = vault_sections(openbao, {key: {"root_poll_interval": "1s"}})
+    sidecar: RunningSidecar = run_sidecar(sidecar_config(short_tmp / "l.sock", **sections))
+    return sidecar
+
+
+def eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+def test_rotation_made_upstream_is_picked_up_within_a_poll(
+    polled: RunningSidecar, openbao: DevOpenBao, key: str
+) -> None:
+    datakey = f"/v1/transit/datakey/plaintext/{key}"
+    before = polled.request("POST", datakey).data
+    assert before["key_version"] == 1
+    openbao.client().secrets.transit.rotate_key(key)  # by an operator, not through the sidecar
+    started = time.monotonic()
+    eventually(lambda: polled.request("POST", datakey).data["key_version"] == 2)
+    assert time.monotonic() - started < 3.0, "picked up within about one poll interval (1 s)"
+    status = polled.request("GET", "/v1/sidecar/status").data["keys"][key]
+    assert status["latest_version"] == 2 and status["kek_rotations"] == 1
+    opened = polled.request(
+        "POST", f"/v1/transit/decrypt/{key}", {"ciphertext": before["ciphertext"]}
+    )
+    assert opened.data["plaintext"] == before["plaintext"], "old blobs still open"
+
+
+def test_raised_min_decryption_version_refuses_old_blobs(
+    polled: RunningSidecar, openbao: DevOpenBao, key: str
+) -> None:
+    old = polled.request("POST", f"/v1/transit/datakey/plaintext/{key}").data
+    transit = openbao.client().secrets.transit
+    transit.rotate_key(key)
+    transit.update_key_configuration(key, min_decryption_version=2)
+    decrypt = f"/v1/transit/decrypt/{key}"
+    eventually(
+        lambda: polled.request("POST", decrypt, {"ciphertext": old["ciphertext"]}).status == 400
+    )
+    refused = polled.request("POST", decrypt, {"ciphertext": old["ciphertext"]})
+    assert refused.code == "decryption_failed"
+    new = polled.request("POST", f"/v1/transit/datakey/plaintext/{key}").data
+    assert new["key_version"] == 2
+    status = polled.request("GET", "/v1/sidecar/status").data["keys"][key]
+    assert status["min_decryption_version"] == 2
+
+
+def test_flush_revokes_cached_keks(polled: RunningSidecar, key: str) -> None:
+    made = polled.request("POST", f"/v1/transit/datakey/plaintext/{key}").data
+    calls = polled.request("GET", "/v1/sidecar/status").data["backend"]["calls"]
+    flushed = polled.request("POST", "/v1/sidecar/cache/flush", {"key": key})
+    assert flushed.status == 200 and flushed.data["keks_dropped"] == 1
+    status = polled.request("GET", "/v1/sidecar/status").data
+    assert status["keys"][key]["cached_keks"] == 0 and status["keys"][key]["live_kek"] is None
+    opened = polled.request(
+        "POST", f"/v1/transit/decrypt/{key}", {"ciphertext": made["ciphertext"]}
+    )
+    assert opened.data["plaintext"] == made["plaintext"]
+    after = polled.request("GET", "/v1/sidecar/status").data["backend"]["calls"]
+    assert after.get("decrypt", 0) == calls.get("decrypt", 0) + 1, "the next use unwraps afresh"
+    unknown = polled.request("POST", "/v1/sidecar/cache/flush", {"key": "nosuch"})
+    assert unknown.status == 403
+    everything = polled.request("POST", "/v1/sidecar/cache/flush", raw=b"")
+    assert everything.status == 200 and everything.data["flushed"] == "*"
+
+
+def test_rewrap_command_streams_a_migration(
+    polled: RunningSidecar, openbao: DevOpenBao, key: str, short_tmp: Path
+) -> None:
+    datakey = f"/v1/transit/datakey/plaintext/{key}"
+    plain = [polled.request("POST", datakey).data for _ in range(300)]
+    bound = polled.request("POST", datakey, {"encryption_context": {"t": "1"}}).data
+    openbao.client().secrets.transit.rotate_key(key)
+    lines = [p["ciphertext"] for p in plain]
+    lines.append(
+        json.dumps({"id": 7, "ciphertext": bound["ciphertext"], "encryption_context": {"t": "1"}})
+    )
+    lines.append("")
+    lines.append("sidecar:v1:garbage")
+    config = short_tmp / "migrate.toml"
+    config.write_text(
+        f'[backend.vault]\naddresses = ["{openbao.address}"]\ntoken_env = "{TOKEN_ENV}"\n[keys.{key}]\n'
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "sidecar", "rewrap", "--config", str(config), "--key", key],
+        input="\n".join(lines) + "\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 1, "one line could not be rewrapped"
+    out = done.stdout.splitlines()
+    assert len(out) == len(lines), "one line out for every line in"
+    assert all(line.startswith("sidecar:v2:") for line in out[:300])
+    moved = json.loads(out[300])
+    assert moved["id"] == 7 and moved["ciphertext"].startswith("sidecar:v2:")
+    assert out[301] == "" and out[302] == "sidecar:v1:garbage", "failures are copied, never lost"
+    assert "line 303: not rewrapped (decryption_failed)" in done.stderr
+    assert "done: 303 lines, 301 rewrapped, 1 unchanged, 1 failed" in done.stderr
+    for line, original in zip(out[:3], plain[:3], strict=True):
+        opened = polled.request("POST", f"/v1/transit/decrypt/{key}", {"ciphertext": line})
+        assert opened.data["plaintext"] == original["plaintext"]
+    opened = polled.request(
+        "POST",
+        f"/v1/transit/decrypt/{key}",
+        {"ciphertext": moved["ciphertext"], "encryption_context": {"t": "1"}},
+    )
+    assert opened.data["plaintext"] == bound["plaintext"]
