@@ -110,7 +110,8 @@ def test_rewrap_command_streams_a_migration(
     lines.append("sidecar:v1:garbage")
     config = short_tmp / "migrate.toml"
     config.write_text(
-        f'[backend.vault]\naddresses = ["{openbao.address}"]\ntoken_env = "{TOKEN_ENV}"\n[keys.{key}]\n'
+        f'[backend.vault]\naddresses = ["{openbao.address}"]\n'
+        f'token_env = "{TOKEN_ENV}"\n[keys.{key}]\n'
     )
     done = subprocess.run(
         [sys.executable, "-m", "sidecar", "rewrap", "--config", str(config), "--key", key],
