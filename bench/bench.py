@@ -1,6 +1,7 @@
 """The kms-sidecar benchmark: prints DESIGN §10's figures and ratios, measured in one run.
 
-    python -m bench.bench [--duration SECONDS] [--quick] [--issuances N] [--json FILE]
+    python -m bench.bench [--duration SECONDS] [--quick] [--issuances N] [--settle SECONDS]
+                          [--starts N] [--json FILE]
 
 Every server runs pinned to one core and the load generator (this process) to another, so each
 figure is "what one core of server does". Phases, each at 1 and at 64 connections:
@@ -342,7 +343,9 @@ def upstream_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, A
 
 # -- phases -------------------------------------------------------------------------------
 
-#: A phase where other processes used more than this (in cores) is flagged as disturbed.
+_S = TypeVar("_S", bound=ServerProcess)
+
+#: A phase where other processes used more than this much of either core is flagged disturbed.
 INTERFERENCE_CORES = 0.10
 
 
@@ -354,9 +357,13 @@ class Phase:
     result: Result
     server_cpu: float
     generator_cpu: float
-    #: CPU used on the two cores by processes other than this server and the generator.
-    other_cpu: float
+    #: CPU other processes used on the server's core (on both cores when nothing is pinned).
+    other_on_server_core: float
+    #: CPU other processes used on the generator's core (0 when nothing is pinned).
+    other_on_generator_core: float
     per_request_items: int = 1
+    #: Seconds spent waiting for the machine to be quiet before the phase.
+    waited_for_quiet: float = 0.0
 
     @property
     def items_per_second(self) -> float:
@@ -364,7 +371,7 @@ class Phase:
 
     @property
     def disturbed(self) -> bool:
-        return self.other_cpu > INTERFERENCE_CORES
+        return max(self.other_on_server_core, self.other_on_generator_core) > INTERFERENCE_CORES
 
     def row(self) -> dict[str, Any]:
         return {
@@ -373,7 +380,9 @@ class Phase:
             "items_per_second": round(self.items_per_second, 1),
             "server_cpu_fraction": round(self.server_cpu, 3),
             "generator_cpu_fraction": round(self.generator_cpu, 3),
-            "other_cpu_cores": round(self.other_cpu, 3),
+            "other_on_server_core_fraction": round(self.other_on_server_core, 3),
+            "other_on_generator_core_fraction": round(self.other_on_generator_core, 3),
+            "waited_for_quiet_seconds": round(self.waited_for_quiet, 1),
         }
 
 
@@ -386,6 +395,8 @@ class Bench:
     duration: float
     warmup: float
     workdir: Path
+    #: Longest wait for the machine to be quiet before a phase (seconds; 0: do not wait).
+    settle: float = 0.0
     phases: dict[str, Phase] = field(default_factory=dict)
     pinning: dict[str, str] = field(default_factory=dict)
     servers: list[ServerProcess] = field(default_factory=list)
@@ -413,6 +424,7 @@ class Bench:
         per_request_items: int = 1,
     ) -> Phase:
         """Load the server for one phase, print its row and keep it."""
+        waited = self.wait_for_quiet()
         cores_before = core_busy_seconds()
         server_before = process_cpu_seconds(server_pid)
         generator_before = time.process_time()
@@ -431,13 +443,33 @@ class Bench:
         server = (process_cpu_seconds(server_pid) - server_before) / wall
         generator = (time.process_time() - generator_before) / wall
         cores_after = core_busy_seconds()
-        watched = [c for c in (self.cores.server, self.cores.generator) if c is not None]
-        busy = sum(cores_after[c] - cores_before[c] for c in watched or cores_after) / wall
-        other = max(0.0, busy - server - generator)
-        phase = Phase(name, result, server, generator, other, per_request_items)
+        busy = {cpu: (cores_after[cpu] - cores_before[cpu]) / wall for cpu in cores_after}
+        if self.cores.server is None or self.cores.generator is None:
+            other = (max(0.0, sum(busy.values()) - server - generator), 0.0)
+        else:
+            other = (
+                max(0.0, busy[self.cores.server] - server),
+                max(0.0, busy[self.cores.generator] - generator),
+            )
+        phase = Phase(name, result, server, generator, *other, per_request_items, waited)
         self.phases[name] = phase
         print_phase(phase)
         return phase
+
+    def wait_for_quiet(self) -> float:
+        """Wait until other processes leave both cores nearly idle for 0.5 s; seconds waited.
+
+        Gives up after ``settle`` seconds: the phase is then measured anyway, and flagged if
+        it was disturbed.
+        """
+        started = time.perf_counter()
+        while time.perf_counter() - started < self.settle:
+            before = core_busy_seconds()
+            time.sleep(0.5)
+            after = core_busy_seconds()
+            if all((after[c] - before[c]) / 0.5 < INTERFERENCE_CORES for c in after):
+                break
+        return time.perf_counter() - started
 
     def measure_both(
         self,
@@ -461,9 +493,6 @@ class Bench:
                 per_request_items,
             ),
         )
-
-
-_S = TypeVar("_S", bound=ServerProcess)
 
 
 def _has(*needles: bytes) -> BodyCheck:
@@ -646,7 +675,7 @@ def issuance_run(bench: Bench, bao: DevOpenBao, issuances: int) -> dict[str, Any
 
 _HEADER = (
     f"{'phase':<36} {'conns':>5} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6}"
-    f" {'server':>6} {'gen':>5} {'other':>5}"
+    f" {'server':>6} {'gen':>5} {'other':>11}"
 )
 
 
@@ -656,7 +685,8 @@ def print_phase(phase: Phase) -> None:
     print(
         f"{phase.name:<36} {r.connections:>5} {r.requests_per_second:>8,.0f}"
         f" {r.percentile_ms(0.5):>7.3f} {r.percentile_ms(0.99):>7.3f} {r.errors:>6}"
-        f" {phase.server_cpu:>6.0%} {phase.generator_cpu:>5.0%} {phase.other_cpu:>5.0%}{mark}",
+        f" {phase.server_cpu:>6.0%} {phase.generator_cpu:>5.0%}"
+        f" {phase.other_on_server_core:>5.0%} {phase.other_on_generator_core:>5.0%}{mark}",
         flush=True,
     )
     if r.errors:
@@ -758,7 +788,7 @@ def print_report(
     if any(p.disturbed for p in bench.phases.values()):
         print(
             f"  * other processes used more than {INTERFERENCE_CORES:.0%} of a core during this"
-            " phase: its figures are disturbed"
+            " phase: its figures are disturbed; rerun on a quiet machine"
         )
     print(
         f"\nbatch {BATCH_SIZE}, {HIGH_CONCURRENCY} conns:"
@@ -822,15 +852,16 @@ def run_bench(args: argparse.Namespace) -> int:
     if cores.server is None:
         print("!!! fewer than 2 CPUs available: no pinning; servers and generator share the CPU")
     print(
-        "server/gen/other: CPU used during the phase by the server, the load generator and"
-        " everything else, in % of one core\n"
+        "server, gen: CPU the server and the load generator used during the phase; other: CPU"
+        " every other process used on the server's core, then on the generator's; in % of one"
+        " core\n"
     )
     print(_HEADER, flush=True)
     with (
         tempfile.TemporaryDirectory(prefix="kms-bench-") as tmp,
         asyncio.Runner(loop_factory=factory) as runner,
     ):
-        bench = Bench(runner, cores, args.duration, warmup, Path(tmp))
+        bench = Bench(runner, cores, args.duration, warmup, Path(tmp), args.settle)
         bench.pinning["load generator (this process)"] = affinity_report(os.getpid())
         try:
             measure_generator(bench)
@@ -896,6 +927,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--starts", type=int, default=5, help="sidecar start-to-ready samples (default: 5)"
     )
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="before each phase, wait up to this long for other processes to leave the cores"
+        " idle (default: 10; 0: don't wait)",
+    )
     parser.add_argument("--json", metavar="FILE", help="also write every figure to FILE")
     parser.add_argument("--serve", choices=("bare", "canned"), help=argparse.SUPPRESS)
     parser.add_argument("--socket", help=argparse.SUPPRESS)
@@ -906,6 +945,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.duration = min(args.duration, 1.5)
         args.starts = min(args.starts, 2)
+        args.settle = min(args.settle, 2.0)
     args.starts = max(1, args.starts)
     try:
         return run_bench(args)
