@@ -24,19 +24,12 @@ def _config_from(args: argparse.Namespace) -> Config:
     return load_config(path)
 
 
-def _setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     from sidecar.server.run import run
+    from sidecar.telemetry import setup_logging
 
     config = _config_from(args)
-    _setup_logging(config.telemetry.log_level)
+    setup_logging(config.telemetry)
     run(config)
     return 0
 
@@ -138,11 +131,12 @@ def default_dev_socket() -> str:
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
-    from sidecar.config import config_from_mapping
+    from sidecar.config import TelemetryConfig, config_from_mapping
     from sidecar.devserver import DevOpenBao
     from sidecar.server.run import run
+    from sidecar.telemetry import setup_logging
 
-    _setup_logging("INFO")
+    setup_logging(TelemetryConfig())
     socket_path = os.path.abspath(args.socket or default_dev_socket())
     workdir = Path(tempfile.mkdtemp(prefix="kms-sidecar-dev-"))
     with DevOpenBao() as bao:

@@ -44,7 +44,9 @@ class Response:
         self.status = status
         self.headers = headers
         self.raw = raw
-        self.json: Any = json.loads(raw) if raw else None
+        is_json = headers.get("Content-Type", "").startswith("application/json")
+        self.json: Any = json.loads(raw) if raw and is_json else None
+        self.text = raw.decode(errors="replace")
 
     @property
     def data(self) -> Any:

@@ -69,6 +69,15 @@ class DataKey:
 
 
 @dataclass(frozen=True, slots=True)
+class Opened:
+    """What a blob held, and which KEK and root version sealed it."""
+
+    plaintext: bytes = field(repr=False)
+    root_version: int
+    kek_id: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
 class Sealed:
     """A blob made by ``encrypt`` or ``rewrap``."""
 
@@ -175,13 +184,29 @@ class Keyring:
         associated_data: bytes = b"",
     ) -> bytes:
         """The plaintext sealed in ``blob``. Raises ``DecryptionFailed`` for every bad blob."""
+        opened = await self.open_blob(
+            key_name, blob, context=context, associated_data=associated_data
+        )
+        return opened.plaintext
+
+    async def open_blob(
+        self,
+        key_name: str,
+        blob: str,
+        *,
+        context: Mapping[str, str] | None = None,
+        associated_data: bytes = b"",
+    ) -> Opened:
+        """:meth:`decrypt`, also telling which root version and KEK sealed the blob."""
         state = self._state(key_name)
         if blob.startswith("vault:"):
-            return await self._upstream(state).decrypt_ciphertext(state.root_key, blob, None)
+            plaintext = await self._upstream(state).decrypt_ciphertext(state.root_key, blob, None)
+            return Opened(plaintext, _vault_version(blob), None)
         canonical = envelope.canonical_context(context)
         sealed = self._check(key_name, state, envelope.parse(blob))
         kek = await self._kek_for(state, sealed.header)
-        return kek.cipher.open(sealed, context=canonical, associated_data=associated_data)
+        plaintext = kek.cipher.open(sealed, context=canonical, associated_data=associated_data)
+        return Opened(plaintext, sealed.header.root_version, sealed.header.kek_id)
 
     async def rewrap(
         self,
@@ -195,7 +220,7 @@ class Keyring:
         state = self._state(key_name)
         if blob.startswith("vault:"):
             rewrapped = await self._upstream(state).rewrap_ciphertext(state.root_key, blob, None)
-            return Sealed(rewrapped, int(rewrapped.split(":")[1][1:]), None)
+            return Sealed(rewrapped, _vault_version(rewrapped), None)
         canonical = envelope.canonical_context(context)
         sealed = self._check(key_name, state, envelope.parse(blob))
         old = await self._kek_for(state, sealed.header)
@@ -498,3 +523,9 @@ class Keyring:
             self._inflight[flight] = future
             future.add_done_callback(lambda _: self._inflight.pop(flight, None))
         return asyncio.shield(future)
+
+
+def _vault_version(ciphertext: str) -> int:
+    """N in ``vault:vN:…`` (0 when the prefix is malformed; upstream refuses those anyway)."""
+    version = ciphertext.split(":", 2)[1] if ciphertext.count(":") >= 2 else ""
+    return int(version[1:]) if version[:1] == "v" and version[1:].isdigit() else 0

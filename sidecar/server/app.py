@@ -19,9 +19,14 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from aiohttp import web
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
 
+from sidecar.audit import AuditLog, AuditRecord, audit_record
 from sidecar.config import Config
 from sidecar.errors import (
+    AuditUnavailable,
+    DecryptionFailed,
     InternalError,
     InvalidRequest,
     MethodNotAllowed,
@@ -36,6 +41,7 @@ from sidecar.server import fields
 from sidecar.server.errors import error_response
 from sidecar.server.peer import read_peer_credentials
 from sidecar.server.tls import tls_peer
+from sidecar.telemetry import Metrics, request_id_var, trace_id_hex, tracer
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +82,39 @@ class Services:
     keyring: Keyring
     authenticator: Authenticator
     authorizer: Authorizer
+    metrics: Metrics
+    #: ``None`` when ``audit.path`` is empty.
+    audit: AuditLog | None = None
+    #: Whether spans are recorded (an exporter is configured, or a provider was installed).
+    tracing: bool = False
 
 
 SERVICES = web.AppKey("services", Services)
 _IDENTITY = web.RequestKey("identity", Identity)
 _REQUEST_ID = web.RequestKey("request_id", str)
+
+
+@dataclass(slots=True)
+class Facts:
+    """What one request did, for its audit record and span. Never key bytes or plaintext."""
+
+    operation: str | None = None
+    key: str | None = None
+    rule: str | None = None
+    context: Mapping[str, str] | None = None
+    root_version: int | None = None
+    kek_id: str | None = None
+    #: Why a blob did not open; told to the audit log and trace only, never to the caller.
+    cause: str | None = None
+    trace_id: str | None = None
+
+    def sealed(self, root_version: int | None, kek_id: bytes | None) -> None:
+        self.root_version = root_version
+        self.kek_id = kek_id.hex() if kek_id else None
+
+
+_FACTS = web.RequestKey("facts", Facts)
+_SPAN_TOKEN: web.RequestKey[Any] = web.RequestKey("span_token", object)
 
 
 @dataclass(slots=True)
@@ -91,12 +125,19 @@ class Call:
     identity: Identity
     key: str
     operation: str
+    facts: Facts
+    request: web.Request
+
+    async def audit_effect(self) -> None:
+        await _audit_effect(self.request)
 
     def authorize(self, context: Mapping[str, str] | None = None, ttl: float | None = None) -> str:
         """The allowing rule's name. An unknown key is refused exactly like a forbidden one."""
+        self.facts.context = context
         rule = self.services.authorizer.authorize(
             self.identity, key=self.key, operation=self.operation, context=context, ttl=ttl
         )
+        self.facts.rule = rule
         if not self.services.keyring.has_key(self.key):
             raise permission_denied(self.operation, self.key)
         return rule
@@ -118,6 +159,7 @@ async def _datakey(call: Call, item: Mapping[str, Any]) -> dict[str, Any]:
         associated_data=fields.base64_field(item, "associated_data"),
         ttl=ttl,
     )
+    call.facts.sealed(key.root_version, key.kek_id)
     data: dict[str, Any] = {
         "ciphertext": key.blob,
         "key_version": key.root_version,
@@ -139,6 +181,7 @@ async def _encrypt(call: Call, item: Mapping[str, Any]) -> dict[str, Any]:
         associated_data=fields.base64_field(item, "associated_data"),
         ttl=ttl,
     )
+    call.facts.sealed(sealed.root_version, sealed.kek_id)
     return {
         "ciphertext": sealed.blob,
         "key_version": sealed.root_version,
@@ -150,13 +193,14 @@ async def _decrypt(call: Call, item: Mapping[str, Any]) -> dict[str, Any]:
     context = fields.context_field(item)
     ciphertext = fields.string_field(item, "ciphertext")
     call.authorize(context)
-    plaintext = await call.services.keyring.decrypt(
+    opened = await call.services.keyring.open_blob(
         call.key,
         ciphertext,
         context=context,
         associated_data=fields.base64_field(item, "associated_data"),
     )
-    return {"plaintext": base64.b64encode(plaintext).decode()}
+    call.facts.sealed(opened.root_version, opened.kek_id)
+    return {"plaintext": base64.b64encode(opened.plaintext).decode()}
 
 
 async def _rewrap(call: Call, item: Mapping[str, Any]) -> dict[str, Any]:
@@ -169,6 +213,7 @@ async def _rewrap(call: Call, item: Mapping[str, Any]) -> dict[str, Any]:
         context=context,
         associated_data=fields.base64_field(item, "associated_data"),
     )
+    call.facts.sealed(sealed.root_version, sealed.kek_id)
     return {"ciphertext": sealed.blob, "key_version": sealed.root_version}
 
 
@@ -180,7 +225,9 @@ async def _read_key(call: Call, item: Mapping[str, Any]) -> dict[str, Any]:
 
 async def _rotate(call: Call, item: Mapping[str, Any]) -> dict[str, Any]:
     call.authorize()
+    await call.audit_effect()  # the rotation must never happen unaudited
     info = await call.services.keyring.rotate(call.key)
+    call.facts.root_version = info.latest_version
     return _key_metadata(call, info)
 
 
@@ -217,7 +264,14 @@ def _keyed(
 
     async def handler(request: web.Request) -> web.Response:
         services = request.app[SERVICES]
-        call = Call(services, request[_IDENTITY], request.match_info["name"], operation)
+        call = Call(
+            services,
+            request[_IDENTITY],
+            request.match_info["name"],
+            operation,
+            request[_FACTS],
+            request,
+        )
         body = fields.parse_body(await request.read()) if request.can_read_body else {}
         items = fields.batch_items(body, services.config.server.max_batch_items) if batch else None
         if items is None:
@@ -240,10 +294,20 @@ def _keyed(
 async def _status(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     services.authorizer.authorize(request[_IDENTITY], key=None, operation="status")
+    audit = services.audit
     body = {
         "version": _version(),
         "backend": dict(services.keyring.backend.status()),
         **services.keyring.status(),
+        "audit": None
+        if audit is None
+        else {
+            "path": audit.path,
+            "healthy": audit.healthy,
+            "head": audit.head,
+            "head_seq": audit.head_seq,
+            "last_error": audit.last_error,
+        },
     }
     return _data_response(request, body)
 
@@ -277,11 +341,25 @@ async def _health(request: web.Request) -> web.Response:
         "keys": keys,
         "upstream": {"kind": upstream.get("kind"), "state": upstream.get("state")},
     }
+    audit = services.audit
+    if audit is not None:
+        body["audit"] = {"state": "ok" if audit.healthy else "unavailable", "path": audit.path}
     if not keys:
         body["reason"] = "No keys are configured."
     elif not ready:
         body["reason"] = "No key can be issued: the key backend is unavailable."
+    elif audit is not None and audit.fail_closed and not audit.healthy:
+        ready = body["ready"] = False
+        body["reason"] = "The audit log cannot be written, so key operations are refused."
     return web.json_response(body, status=200 if ready else 503)
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    return web.Response(
+        body=services.metrics.render(),
+        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,6 +397,7 @@ ROUTES: tuple[Route, ...] = (
     Route(("GET",), "/v1/sidecar/status", _status, "status"),
     Route(_WRITE, "/v1/sidecar/cache/flush", _flush, "flush"),
     Route(("GET", "HEAD"), "/v1/sys/health", _health, None),
+    Route(("GET",), "/metrics", _metrics, None),
 )
 
 
@@ -376,9 +455,19 @@ def _make_middleware(
         request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         request_id = request[_REQUEST_ID] = _new_request_id()
+        if request.path in UNGUARDED:
+            response, _ = await _answer(request, handler)
+            return response
+        services = request.app[SERVICES]
+        started = time.perf_counter()
+        log_token = request_id_var.set(request_id)
+        facts = request[_FACTS] = Facts(
+            operation=getattr(request.match_info.handler, "operation", None),
+            key=request.match_info.get("name"),
+        )
+        span = _start_span(request, facts) if services.tracing else None
+        facts.trace_id = trace_id_hex(span) if span else _incoming_trace_id(request)
         try:
-            if request.path in UNGUARDED:
-                return await handler(request)
             transport = request.transport
             try:
                 connection = connections[transport]
@@ -386,31 +475,140 @@ def _make_middleware(
                 connection = _connection_identity(transport)
                 if transport is not None:
                     connections[transport] = connection
-            services = request.app[SERVICES]
-            request[_IDENTITY] = await services.authenticator.identify(connection, _bearer(request))
-            return await handler(request)
-        except SidecarError as exc:
-            return error_response(exc, request_id)
-        except web.HTTPException as exc:
-            mapped = _HTTP_ERRORS.get(exc.status)
-            if mapped is None:
-                raise
-            if mapped is PayloadTooLarge:
-                limit = request.app[SERVICES].config.server.max_body_bytes
-                return error_response(
-                    mapped(f"The request body exceeds {limit} bytes."), request_id
-                )
-            response = error_response(mapped(), request_id)
-            if isinstance(exc, web.HTTPMethodNotAllowed):
-                response.headers["Allow"] = ", ".join(sorted(exc.allowed_methods))
-            return response
-        except Exception:
-            log.exception(
-                "internal error in %s %s (request %s)", request.method, request.path, request_id
+            request[_IDENTITY] = connection
+            response, error = await _answer(request, handler, authenticate=True)
+            if services.audit is not None:
+                try:
+                    await services.audit.write(_audit(request, facts, error))
+                except AuditUnavailable as exc:
+                    response, error = error_response(exc, request_id), exc
+            outcome = "ok" if error is None else error.code
+            services.metrics.observe(
+                facts.operation or "none", outcome, time.perf_counter() - started
             )
-            return error_response(InternalError(), request_id)
+            if span is not None:
+                _end_span(span, request, facts, outcome)
+            return response
+        finally:
+            request_id_var.reset(log_token)
 
     return middleware
+
+
+async def _answer(
+    request: web.Request,
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    *,
+    authenticate: bool = False,
+) -> tuple[web.StreamResponse, SidecarError | None]:
+    """The handler's response, or the error response and the error it answers."""
+    request_id = request[_REQUEST_ID]
+    try:
+        if authenticate:
+            services = request.app[SERVICES]
+            request[_IDENTITY] = await services.authenticator.identify(
+                request[_IDENTITY], _bearer(request)
+            )
+        return await handler(request), None
+    except SidecarError as exc:
+        if isinstance(exc, DecryptionFailed):
+            request[_FACTS].cause = exc.cause
+        return error_response(exc, request_id), exc
+    except web.HTTPException as exc:
+        mapped = _HTTP_ERRORS.get(exc.status)
+        if mapped is None:
+            raise
+        if mapped is PayloadTooLarge:
+            limit = request.app[SERVICES].config.server.max_body_bytes
+            error: SidecarError = mapped(f"The request body exceeds {limit} bytes.")
+        else:
+            error = mapped()
+        response = error_response(error, request_id)
+        if isinstance(exc, web.HTTPMethodNotAllowed):
+            response.headers["Allow"] = ", ".join(sorted(exc.allowed_methods))
+        return response, error
+    except Exception:
+        log.exception("internal error in %s %s", request.method, request.path)
+        error = InternalError()
+        return error_response(error, request_id), error
+
+
+#: Error codes that mean "not allowed" in the audit log; every other error is an "error".
+_DENIALS = frozenset({"unauthenticated", "permission_denied", "rate_limited"})
+
+
+def _audit(
+    request: web.Request, facts: Facts, error: SidecarError | None, *, outcome: str | None = None
+) -> AuditRecord:
+    if outcome is None:
+        outcome = "ok" if error is None else "denied" if error.code in _DENIALS else "error"
+    return audit_record(
+        time=time.time(),
+        request_id=request[_REQUEST_ID],
+        trace_id=facts.trace_id,
+        identity=request.get(_IDENTITY),
+        rule=facts.rule,
+        operation=facts.operation or "none",
+        key=facts.key,
+        root_version=facts.root_version,
+        kek_id=facts.kek_id,
+        outcome=outcome,
+        error_code=None if error is None else error.code,
+        context=facts.context,
+        hmac_key=request.app[SERVICES].audit.hmac_key,  # type: ignore[union-attr]
+        cause=facts.cause,
+    )
+
+
+async def _audit_effect(request: web.Request) -> None:
+    """Write an ``allowed`` record before an operation with a lasting effect (a rotation)."""
+    services = request.app[SERVICES]
+    if services.audit is not None:
+        await services.audit.write(_audit(request, request[_FACTS], None, outcome="allowed"))
+
+
+def _start_span(request: web.Request, facts: Facts) -> trace.Span:
+    parent = propagate.extract(request.headers)
+    span = tracer.start_span(
+        f"kms {facts.operation or request.method}", context=parent, kind=trace.SpanKind.SERVER
+    )
+    request[_SPAN_TOKEN] = otel_context.attach(trace.set_span_in_context(span))
+    return span
+
+
+def _end_span(span: trace.Span, request: web.Request, facts: Facts, outcome: str) -> None:
+    identity = request.get(_IDENTITY)
+    attributes = {
+        "kms.request_id": request[_REQUEST_ID],
+        "kms.operation": facts.operation or "none",
+        "kms.key": facts.key or "",
+        "kms.outcome": outcome,
+        "kms.identity.kind": identity.kind if identity else "anonymous",
+        "kms.rule": facts.rule or "",
+    }
+    if facts.root_version is not None:
+        attributes["kms.root_version"] = facts.root_version
+    if facts.kek_id is not None:
+        attributes["kms.kek_id"] = facts.kek_id
+    span.set_attributes(attributes)
+    span.add_event("audit", attributes)
+    if outcome != "ok":
+        span.set_status(trace.StatusCode.ERROR, outcome)
+    span.end()
+    otel_context.detach(request[_SPAN_TOKEN])
+
+
+def _incoming_trace_id(request: web.Request) -> str | None:
+    """The trace id of a valid W3C ``traceparent``, so audit records join the caller's trace."""
+    header = request.headers.get("traceparent", "")
+    parts = header.split("-")
+    if len(parts) == 4 and len(parts[1]) == 32 and parts[1] != "0" * 32:
+        try:
+            int(parts[1], 16)
+        except ValueError:
+            return None
+        return parts[1].lower()
+    return None
 
 
 def build_app(services: Services) -> web.Application:

@@ -8,9 +8,13 @@ import dataclasses
 import logging
 import signal
 from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
 
 from aiohttp import web
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
 
+from sidecar.audit import AuditLog
 from sidecar.auth import JwtVerifier
 from sidecar.backends import open_backend
 from sidecar.backends.base import RootKeyBackend
@@ -22,6 +26,7 @@ from sidecar.policy import PolicySet, load_policies
 from sidecar.server.app import Services, build_app
 from sidecar.server.listener import unix_listener
 from sidecar.server.tls import ServerTls
+from sidecar.telemetry import Metrics, install_tracer_provider
 
 log = logging.getLogger(__name__)
 
@@ -86,15 +91,31 @@ class PolicyAuthorizer:
 
 
 def build_services(config: Config, backend: RootKeyBackend) -> Services:
-    """Every component of a sidecar for ``config``; raises ``ConfigError`` for bad policy files."""
+    """Every component of a sidecar for ``config``, not yet started.
+
+    Raises ``ConfigError`` for bad policy files, JWT settings or audit HMAC key.
+    """
     keys = {name: (key, config.root_key_name(name)) for name, key in config.keys.items()}
+    keyring = Keyring(backend, keys)
+    audit = AuditLog.from_config(config)
+
+    def state() -> dict[str, Any]:
+        return {
+            "keyring": keyring.status(),
+            "backend": backend.status(),
+            "audit": dataclasses.asdict(audit.stats()) if audit else None,
+        }
+
     return Services(
         config=config,
-        keyring=Keyring(backend, keys),
+        keyring=keyring,
         authenticator=CallerAuthenticator(
             JwtVerifier(config.auth, base_dir=config.base_dir), peercred=config.auth.peercred
         ),
         authorizer=PolicyAuthorizer(config.resolve_path(config.policies.dir)),
+        metrics=Metrics(state),
+        audit=audit,
+        tracing=isinstance(trace.get_tracer_provider(), TracerProvider),
     )
 
 
@@ -106,6 +127,14 @@ def make_app(services: Services) -> web.Application:
     async def backend_ctx(_: web.Application) -> AsyncIterator[None]:
         yield
         await keyring.backend.close()
+
+    async def audit_ctx(_: web.Application) -> AsyncIterator[None]:
+        if services.audit is None:
+            yield
+            return
+        await services.audit.open()  # an unwritable path stops start-up, naming it
+        yield
+        await services.audit.close()  # everything queued is flushed
 
     async def verifier_ctx(_: web.Application) -> AsyncIterator[None]:
         yield
@@ -120,7 +149,7 @@ def make_app(services: Services) -> web.Application:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    app.cleanup_ctx.extend([backend_ctx, verifier_ctx, pollers_ctx])
+    app.cleanup_ctx.extend([backend_ctx, audit_ctx, verifier_ctx, pollers_ctx])
     return app
 
 
@@ -137,6 +166,7 @@ async def serve(
     """
     stop = stop or asyncio.Event()
     server = config.server
+    tracer_provider = install_tracer_provider(config.telemetry)
     services = build_services(config, backend or open_backend(config))
     tls = (
         ServerTls(
@@ -197,6 +227,8 @@ async def serve(
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(sig)
         await runner.cleanup()
+        if tracer_provider is not None:
+            tracer_provider.shutdown()  # exports what the batch processor still holds
     log.info("kms-sidecar stopped")
 
 

@@ -89,6 +89,9 @@ def test_durations(text: str | int, seconds: float) -> None:
 def test_check_config_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     good = tmp_path / "good.toml"
     good.write_text(FULL)
+    assert main(["check-config", "--config", str(good)]) == 2
+    assert "policies.dir" in capsys.readouterr().err, "every component is built, policies too"
+    (tmp_path / "policies").mkdir()  # "policies" is relative to the config file
     assert main(["check-config", "--config", str(good)]) == 0
     assert "configuration OK" in capsys.readouterr().out
     bad = tmp_path / "bad.toml"
