@@ -123,6 +123,18 @@ def cmd_rewrap(args: argparse.Namespace) -> int:
     return asyncio.run(rewrap())
 
 
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from sidecar.audit import verify_command
+
+    return verify_command(args.files, args.head)
+
+
+def cmd_audit_hash(args: argparse.Namespace) -> int:
+    from sidecar.audit import hash_command
+
+    return hash_command(args.values, key_env=args.key_env)
+
+
 def default_dev_socket() -> str:
     runtime = os.environ.get("XDG_RUNTIME_DIR") or os.path.join(
         tempfile.gettempdir(), f"kms-sidecar-{os.getuid()}"
@@ -217,6 +229,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help=f"config file (default: ${CONFIG_ENV})")
     p.add_argument("--key", required=True, help="the key the blobs belong to")
     p.set_defaults(func=cmd_rewrap)
+
+    audit = sub.add_parser("audit", help="audit log tools").add_subparsers(
+        dest="action", required=True
+    )
+    p = audit.add_parser("verify", help="check the hash chain; exit 1 at the first broken record")
+    p.add_argument("files", nargs="+", metavar="FILE", help="audit files, oldest first")
+    p.add_argument("--head", help="the last hash the sidecar reports (detects a cut tail)")
+    p.set_defaults(func=cmd_audit_verify)
+    p = audit.add_parser("hash", help="the audit HMAC of known values, to grep the log for")
+    p.add_argument("values", nargs="+", metavar="VALUE")
+    p.add_argument("--key-env", default="KMS_AUDIT_HMAC_KEY", help="variable holding the key")
+    p.set_defaults(func=cmd_audit_hash)
 
     policy = sub.add_parser("policy", help="policy tools").add_subparsers(
         dest="action", required=True

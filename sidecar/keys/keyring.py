@@ -19,8 +19,11 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+
+from opentelemetry.trace import SpanKind
 
 from sidecar.backends.base import RootKeyBackend, RootKeyInfo, UpstreamCiphertexts
 from sidecar.config import KeyConfig
@@ -32,6 +35,7 @@ from sidecar.errors import (
     UpstreamUnavailable,
 )
 from sidecar.keys import envelope
+from sidecar.telemetry import tracer
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +204,10 @@ class Keyring:
         """:meth:`decrypt`, also telling which root version and KEK sealed the blob."""
         state = self._state(key_name)
         if blob.startswith("vault:"):
-            plaintext = await self._upstream(state).decrypt_ciphertext(state.root_key, blob, None)
+            with self._span("decrypt_ciphertext", state):
+                plaintext = await self._upstream(state).decrypt_ciphertext(
+                    state.root_key, blob, None
+                )
             return Opened(plaintext, _vault_version(blob), None)
         canonical = envelope.canonical_context(context)
         sealed = self._check(key_name, state, envelope.parse(blob))
@@ -231,7 +238,8 @@ class Keyring:
     async def rotate(self, key_name: str) -> RootKeyInfo:
         """Rotate the root key in the backend, then start a new KEK under the new version."""
         state = self._state(key_name)
-        info = await self.backend.rotate(state.root_key)
+        with self._span("rotate", state):
+            info = await self.backend.rotate(state.root_key)
         self._apply_info(key_name, state, info)
         await self._rotate_live_kek(key_name, state)
         return info
@@ -239,7 +247,8 @@ class Keyring:
     async def key_info(self, key_name: str) -> RootKeyInfo:
         """The root key's metadata, read afresh from the backend."""
         state = self._state(key_name)
-        info = await self.backend.key_info(state.root_key)
+        with self._span("key_info", state):
+            info = await self.backend.key_info(state.root_key)
         self._apply_info(key_name, state, info)
         return info
 
@@ -325,6 +334,14 @@ class Keyring:
         return "ok" if state.last_upstream_error is None else "unavailable"
 
     # -- internals --------------------------------------------------------------------------
+
+    def _span(self, operation: str, state: _KeyState) -> AbstractContextManager[Any]:
+        """A child span around one backend call (free when tracing is off)."""
+        return tracer.start_as_current_span(
+            f"upstream {operation}",
+            kind=SpanKind.CLIENT,
+            attributes={"kms.backend": self.backend.kind, "kms.root_key": state.root_key},
+        )
 
     def _state(self, key_name: str) -> _KeyState:
         state = self._keys.get(key_name)
@@ -435,7 +452,8 @@ class Keyring:
 
     async def _fetch_kek(self, key_name: str, state: _KeyState) -> _Kek:
         try:
-            made = await self.backend.generate_kek(state.root_key)
+            with self._span("generate_kek", state):
+                made = await self.backend.generate_kek(state.root_key)
         except UpstreamUnavailable as exc:
             state.last_upstream_error = exc.code
             raise
@@ -475,7 +493,8 @@ class Keyring:
             raise
 
     async def _unwrap(self, state: _KeyState, header: envelope.Header) -> _Kek:
-        plaintext = await self.backend.unwrap_kek(state.root_key, header.wrapped_kek)
+        with self._span("unwrap_kek", state):
+            plaintext = await self.backend.unwrap_kek(state.root_key, header.wrapped_kek)
         try:
             cipher = envelope.KekCipher(plaintext)
         except ValueError:
