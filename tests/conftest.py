@@ -160,8 +160,11 @@ def short_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def run_sidecar() -> Iterator[Any]:
-    """Start sidecars with ``run_sidecar(config, backend=None)``; all are stopped afterwards."""
+def run_sidecar(short_tmp: Path) -> Iterator[Any]:
+    """Start sidecars with ``run_sidecar(config, backend=None)``; all are stopped afterwards.
+
+    Depends on ``short_tmp`` so that sockets and audit files outlive the sidecars using them.
+    """
     started: list[RunningSidecar] = []
 
     def start(config: Config, backend: RootKeyBackend | None = None) -> RunningSidecar:
