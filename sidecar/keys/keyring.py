@@ -39,8 +39,12 @@ from sidecar.telemetry import tracer
 
 log = logging.getLogger(__name__)
 
-#: Fraction of a KEK's age or use budget after which its successor is fetched in the background.
-PREFETCH_AT = 0.8
+#: The successor of a live KEK is fetched in the background once the live one has this share of
+#: its uses left (at least one use), or this share of its lifetime (at most a minute): late
+#: enough that a run within the budget costs no extra upstream call, early enough to hide the
+#: fetch.
+PREFETCH_REMAINING = 0.01
+PREFETCH_LEAD_MAX_SECONDS = 60.0
 #: A KEK never seals more than this many blobs, grace or not (random 96-bit nonces stay safe).
 HARD_MAX_USES = 1 << 31
 DEK_BITS = (128, 256, 512)
@@ -410,10 +414,17 @@ class Keyring:
         if kek is None or not self._fresh(state, kek):
             return None
         cfg = state.config
+        uses_left = cfg.kek_max_uses - kek.uses
+        time_left = kek.created_at + cfg.kek_ttl - self._now()
         if (
-            self._now() - kek.created_at > cfg.kek_ttl * PREFETCH_AT
-            or kek.uses > cfg.kek_max_uses * PREFETCH_AT
-        ) and ("next", kek.key_name) not in self._inflight:
+            (
+                uses_left <= max(1, cfg.kek_max_uses * PREFETCH_REMAINING)
+                or time_left
+                <= min(PREFETCH_LEAD_MAX_SECONDS, cfg.kek_ttl * PREFETCH_REMAINING * 10)
+            )
+            and state.next is None
+            and ("next", kek.key_name) not in self._inflight
+        ):
             self._prefetch(kek.key_name, state)
         return kek
 

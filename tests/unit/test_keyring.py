@@ -67,17 +67,32 @@ async def test_kek_rotates_by_age_and_old_blobs_still_open(
     assert await keyring.decrypt("payments", old.blob) == old.plaintext
 
 
-async def test_kek_rotates_by_uses_with_prefetch(backend: MemoryBackend, clock: Clock) -> None:
-    keyring = make_keyring(backend, clock, kek_max_uses=10)
-    first = [await keyring.generate_data_key("payments") for _ in range(10)]
-    await asyncio.sleep(0)  # let the prefetch started at 80% of the budget finish
-    assert backend.calls["generate_kek"] == 2, (
-        "the next KEK is fetched before the live one runs out"
-    )
-    eleventh = await keyring.generate_data_key("payments")
-    assert eleventh.kek_id != first[0].kek_id
+async def test_kek_rotates_by_uses_with_one_prefetch(backend: MemoryBackend, clock: Clock) -> None:
+    keyring = make_keyring(backend, clock, kek_max_uses=1000)
+    first = []
+    for _ in range(1000):
+        first.append(await keyring.generate_data_key("payments"))
+        await asyncio.sleep(0)  # let a background prefetch finish as soon as it starts
+    assert backend.calls["generate_kek"] == 2, "one successor, fetched before the live KEK ran out"
     assert {k.kek_id for k in first} == {first[0].kek_id}
+    after = await keyring.generate_data_key("payments")
+    assert after.kek_id != first[0].kek_id
+    assert backend.calls["generate_kek"] == 2, "the rotation itself waited for nothing"
     assert keyring.status()["keys"]["payments"]["kek_rotations"] == 1
+
+
+async def test_no_prefetch_far_from_the_end_of_a_kek(backend: MemoryBackend, clock: Clock) -> None:
+    keyring = make_keyring(backend, clock, kek_max_uses=1 << 20)
+    for _ in range(5000):
+        await keyring.generate_data_key("payments")
+    clock.now += 3600 * 0.9  # 90% of the KEK's life: more than a minute left
+    await keyring.generate_data_key("payments")
+    await asyncio.sleep(0)
+    assert backend.calls["generate_kek"] == 1
+    clock.now += 3600 * 0.1 - 30  # within the last minute
+    await keyring.generate_data_key("payments")
+    await asyncio.sleep(0)
+    assert backend.calls["generate_kek"] == 2
 
 
 async def test_new_root_version_retires_live_kek(backend: MemoryBackend, clock: Clock) -> None:
