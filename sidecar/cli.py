@@ -257,6 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", action="append", metavar="NAME=VALUE", help="encryption context")
     p.add_argument("--ttl", type=float, help="requested ttl in seconds (datakey)")
     p.set_defaults(func=cmd_policy_check)
+
+    from sidecar.keys_cli import add_keys_parser
+
+    add_keys_parser(sub)
     return parser
 
 

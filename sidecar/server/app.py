@@ -374,6 +374,9 @@ class Route:
 
 _WRITE = ("POST", "PUT")
 
+# Here, not at the top: sidecar.server.signing builds its routes from Route and _keyed above.
+from sidecar.server.signing import SIGNING_ROUTES  # noqa: E402
+
 ROUTES: tuple[Route, ...] = (
     Route(
         _WRITE,
@@ -396,6 +399,7 @@ ROUTES: tuple[Route, ...] = (
     ),
     Route(("GET",), "/v1/sidecar/status", _status, "status"),
     Route(_WRITE, "/v1/sidecar/cache/flush", _flush, "flush"),
+    *SIGNING_ROUTES,
     Route(("GET", "HEAD"), "/v1/sys/health", _health, None),
     Route(("GET",), "/metrics", _metrics, None),
 )
