@@ -2,9 +2,16 @@
 
 A KEK is a transit data key (``datakey/plaintext``): OpenBao makes 256 random bits and returns
 them with their ``vault:vN:`` wrapping; unwrapping is a transit ``decrypt``. hvac blocks, so its
-calls run in a bounded thread pool off the event loop (``max_concurrency`` at once). With several
-``addresses`` a call that cannot reach one node tries the next, starting from the one that
-answered last. hvac and requests exceptions are translated in :func:`_translated` only.
+calls run in a bounded thread pool off the event loop (``max_concurrency`` at once). The token
+comes from :mod:`sidecar.backends.vault_auth` (token, AppRole or JWT, renewed in the background);
+a call refused with 403 gets one retry with a new token if the old one turned out to be dead.
+
+With several ``addresses`` (an HA cluster) a call that cannot reach one node — down, sealed,
+uninitialised, a standby with no active node, 5xx, 429 — tries the next, starting from the one
+that answered last. A refusal (400, 403, 404) from one node of several is believed only once a
+second node gives it too, because a standby may not yet have replicated a key, a version or a
+token. When no node answers the caller gets ``UpstreamUnavailable``, never ``DecryptionFailed``.
+hvac and requests exceptions are translated in :func:`_translated` only.
 """
 
 from __future__ import annotations
@@ -14,7 +21,6 @@ import base64
 import binascii
 import contextlib
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -26,8 +32,10 @@ import hvac.exceptions
 import requests.exceptions
 
 from sidecar.backends.base import KEY_TYPES, NewKek, RootKeyInfo
+from sidecar.backends.vault_auth import UpstreamAuth, UpstreamForbidden, auth_method_for
 from sidecar.config import VaultConfig
 from sidecar.errors import (
+    ConfigError,
     DecryptionFailed,
     InvalidRequest,
     PermissionDenied,
@@ -50,17 +58,31 @@ class _Unreachable(Exception):
     """This node could not answer; try the next address."""
 
 
+class _Refused(Exception):
+    """This node refused (400, 403, 404); ``error`` is what to raise once another node agrees."""
+
+    def __init__(self, error: SidecarError) -> None:
+        super().__init__(error.code)
+        self.error = error
+
+
 @contextlib.contextmanager
 def _translated(operation: str) -> Iterator[None]:
     """Map hvac/requests exceptions to the sidecar's, in one place.
 
-    Connection failures, sealed or standby-only nodes and 5xx become ``_Unreachable`` so the
-    caller can fail over; a missing key is ``PermissionDenied`` (key names are not probeable);
-    other refusals are ``UpstreamError``. Anything else is a bug and propagates.
+    Connection failures, sealed, uninitialised or standby-only nodes, 429 and 5xx become
+    ``_Unreachable`` so the caller can fail over. Refusals become ``_Refused`` carrying the
+    error to report: a missing key is ``PermissionDenied`` (key names are not probeable), 403
+    is ``UpstreamForbidden``, a 400 on decrypt/rewrap is ``DecryptionFailed``, other refusals
+    ``UpstreamError``. Anything else is a bug and propagates.
     """
     try:
         yield
-    except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
+    except (
+        requests.exceptions.ConnectionError,
+        requests.exceptions.Timeout,
+        requests.exceptions.ChunkedEncodingError,
+    ) as exc:
         raise _Unreachable(f"{operation}: {type(exc).__name__}") from None
     except (
         hvac.exceptions.VaultDown,
@@ -71,15 +93,20 @@ def _translated(operation: str) -> Iterator[None]:
     ) as exc:
         raise _Unreachable(f"{operation}: {type(exc).__name__}") from None
     except hvac.exceptions.InvalidPath:
-        raise PermissionDenied() from None
+        raise _Refused(PermissionDenied()) from None
     except hvac.exceptions.Forbidden:
-        raise UpstreamError(
-            f"The key backend refused {operation}: check the sidecar's upstream token and policy."
+        raise _Refused(
+            UpstreamForbidden(
+                f"The key backend refused {operation}: "
+                "check the sidecar's upstream token and policy."
+            )
         ) from None
     except hvac.exceptions.InvalidRequest as exc:
         if operation in ("decrypt", "rewrap"):
-            raise DecryptionFailed(f"upstream refused {operation}") from None
-        raise UpstreamError(f"The key backend rejected {operation}: {_first_error(exc)}") from None
+            raise _Refused(DecryptionFailed(f"upstream refused {operation}")) from None
+        raise _Refused(
+            UpstreamError(f"The key backend rejected {operation}: {_first_error(exc)}")
+        ) from None
     except hvac.exceptions.VaultError as exc:
         raise UpstreamError(f"The key backend failed {operation}: {type(exc).__name__}.") from None
 
@@ -89,31 +116,6 @@ def _first_error(exc: hvac.exceptions.VaultError) -> str:
     if isinstance(errors, list) and errors:
         return str(errors[0])[:200]
     return type(exc).__name__
-
-
-class TokenSource:
-    """The upstream token: from ``token_file`` (re-read when it changes) or ``token_env``."""
-
-    def __init__(self, config: VaultConfig, resolve: Callable[[str], str] = lambda p: p) -> None:
-        self._env = config.token_env
-        self._file = resolve(config.token_file)
-        self._mtime: float | None = None
-        self._token = ""
-
-    def token(self) -> str:
-        if not self._file:
-            return os.environ.get(self._env, "")
-        try:
-            mtime = os.stat(self._file).st_mtime
-            if mtime != self._mtime:
-                with open(self._file) as fh:
-                    self._token = fh.read().strip()
-                self._mtime = mtime
-        except OSError as exc:
-            raise UpstreamUnavailable(
-                f"The upstream token file {self._file} cannot be read ({exc.strerror})."
-            ) from None
-        return self._token
 
 
 class VaultBackend:
@@ -127,14 +129,14 @@ class VaultBackend:
         *,
         resolve_path: Callable[[str], str] = lambda p: p,
     ) -> None:
-        if config.auth_method != "token":
-            raise InvalidRequest(
-                f"backend.vault.auth_method {config.auth_method!r} is not supported; use 'token'."
-            )
+        try:
+            method = auth_method_for(config, resolve_path)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         self._config = config
         self._mount = config.mount
         self._verify: bool | str = resolve_path(config.ca_file) or True
-        self._tokens = TokenSource(config, resolve_path)
+        self._auth = UpstreamAuth(method, self._call_with_failover)
         self._pool = ThreadPoolExecutor(config.max_concurrency, thread_name_prefix="vault")
         self._local = threading.local()
         self._preferred = 0
@@ -224,10 +226,12 @@ class VaultBackend:
             if self._last_ok is None
             else round(time.monotonic() - self._last_ok, 3),
             "calls": dict(self.calls),
+            "auth": self._auth.status(),
         }
 
     async def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        await asyncio.to_thread(self._auth.close)
 
     # -- UpstreamCiphertexts ----------------------------------------------------------------
 
@@ -254,23 +258,50 @@ class VaultBackend:
     async def _run(self, operation: str, call: Callable[[hvac.Client], _T]) -> _T:
         self.calls[operation] = self.calls.get(operation, 0) + 1
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self._call_with_failover, operation, call)
+        return await loop.run_in_executor(self._pool, self._call_authenticated, operation, call)
 
-    def _call_with_failover(self, operation: str, call: Callable[[hvac.Client], _T]) -> _T:
-        """Try each address once, starting from the last that answered. Runs in a worker."""
+    def _call_authenticated(self, operation: str, call: Callable[[hvac.Client], _T]) -> _T:
+        """``call`` with the current token; once more with a new one if the token was dead.
+
+        Runs in a worker.
+        """
+        token = self._auth.token()
+        try:
+            return self._call_with_failover(operation, call, token)
+        except UpstreamForbidden:
+            fresh = self._auth.rejected(token)
+            if fresh is None:
+                raise  # the token is alive: its policy does not allow this
+        return self._call_with_failover(operation, call, fresh)
+
+    def _call_with_failover(
+        self, operation: str, call: Callable[[hvac.Client], _T], token: str
+    ) -> _T:
+        """Try each address once, starting from the last that answered. Runs in a worker.
+
+        ``token`` "" sends none (logins). Raises the sidecar's errors only.
+        """
         addresses = self._config.addresses
         start = self._preferred
-        failures = []
+        failures: list[str] = []
+        refused: tuple[int, SidecarError] | None = None
         for offset in range(len(addresses)):
             index = (start + offset) % len(addresses)
             try:
                 with _translated(operation):
-                    result = call(self._client(addresses[index]))
+                    result = call(self._client(addresses[index], token))
             except _Unreachable as exc:
                 failures.append(f"{addresses[index]} ({exc})")
                 continue
+            except _Refused as exc:
+                if refused is None and len(addresses) > 1:
+                    refused = (index, exc.error)  # a standby may lag: ask another node
+                    failures.append(f"{addresses[index]} (refused {operation})")
+                    continue
+                self._mark_ok(refused[0] if refused else index)
+                raise exc.error from None
             except SidecarError:
-                self._mark_ok(index)  # the node answered, if only with a refusal
+                self._mark_ok(index)  # the node answered, if only with an error
                 raise
             self._mark_ok(index)
             return result
@@ -282,24 +313,108 @@ class VaultBackend:
 
     def _mark_ok(self, index: int) -> None:
         with self._lock:
-            if self._state != "ok":
+            recovered = self._state != "ok"
+            if recovered:
                 log.info("upstream reachable at %s", self._config.addresses[index])
             self._preferred = index
             self._state = "ok"
             self._last_error = None
             self._last_ok = time.monotonic()
+        if recovered:
+            self._auth.upstream_answered()
 
-    def _client(self, address: str) -> hvac.Client:
-        """This thread's hvac client for ``address``, with the current token."""
+    def _client(self, address: str, token: str) -> hvac.Client:
+        """This thread's hvac client for ``address``, carrying ``token``."""
         clients: dict[str, hvac.Client] | None = getattr(self._local, "clients", None)
         if clients is None:
             clients = self._local.clients = {}
         client = clients.get(address)
         if client is None:
-            client = hvac.Client(url=address, timeout=self._config.timeout, verify=self._verify)
+            client = hvac.Client(
+                url=address, token="", timeout=self._config.timeout, verify=self._verify
+            )
             clients[address] = client
-        client.token = self._tokens.token()
+        client.token = token
         return client
+
+    # -- UpstreamSigner (sidecar.keys.signing): transit sign/verify, passed through -----------
+
+    async def sign_upstream(
+        self,
+        root_key: str,
+        data: bytes,
+        *,
+        hash_algorithm: str,
+        prehashed: bool,
+        marshaling_algorithm: str,
+        key_version: int | None = None,
+        context: bytes | None = None,
+    ) -> tuple[str, int]:
+        """Transit ``sign``: the upstream's ``vault:vN:…`` signature as it wrote it, and N.
+
+        The fields keep transit's names and meaning; hvac's own checks (which know only the
+        sha2 hashes) are bypassed by posting the request body as transit documents it.
+        """
+        payload = self._signing_payload(
+            data, hash_algorithm, prehashed, marshaling_algorithm, context
+        )
+        if key_version is not None:
+            payload["key_version"] = key_version
+        path = self._transit_path("sign", root_key)
+
+        def call(client: hvac.Client) -> Any:
+            return client.adapter.post(path, json=payload)
+
+        answer = (await self._run("sign", call))["data"]
+        signature = str(answer["signature"])
+        return signature, int(answer.get("key_version") or _version_of(signature))
+
+    async def verify_upstream(
+        self,
+        root_key: str,
+        data: bytes,
+        signature: str,
+        *,
+        hash_algorithm: str,
+        prehashed: bool,
+        marshaling_algorithm: str,
+        context: bytes | None = None,
+    ) -> bool:
+        """Transit ``verify``: whether the upstream accepts ``signature`` over ``data``."""
+        payload = self._signing_payload(
+            data, hash_algorithm, prehashed, marshaling_algorithm, context
+        )
+        payload["signature"] = signature
+        path = self._transit_path("verify", root_key)
+
+        def call(client: hvac.Client) -> Any:
+            return client.adapter.post(path, json=payload)
+
+        return bool((await self._run("verify", call))["data"]["valid"])
+
+    def _transit_path(self, operation: str, root_key: str) -> str:
+        from urllib.parse import quote
+
+        return f"/v1/{self._mount}/{operation}/{quote(root_key, safe='')}"
+
+    @staticmethod
+    def _signing_payload(
+        data: bytes,
+        hash_algorithm: str,
+        prehashed: bool,
+        marshaling_algorithm: str,
+        context: bytes | None,
+    ) -> dict[str, Any]:
+        """The body of a transit sign/verify request (Vault's field names)."""
+        payload: dict[str, Any] = {
+            "input": base64.b64encode(data).decode(),
+            "hash_algorithm": hash_algorithm,
+            "prehashed": prehashed,
+            "marshaling_algorithm": marshaling_algorithm,
+        }
+        if context is not None:
+            payload["context"] = base64.b64encode(context).decode()
+        return payload
 
 
 def _b64(text: str) -> bytes:
