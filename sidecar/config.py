@@ -288,6 +288,12 @@ def _validate(config: Config) -> None:
             raise ConfigError("backend.vault.auth_method: expected 'token', 'approle' or 'jwt'")
         if vault.max_concurrency <= 0:
             raise ConfigError("backend.vault.max_concurrency: must be positive")
+        required = {"approle": ("role_id", "secret_id_file"), "jwt": ("role", "jwt_file")}
+        for name in required.get(vault.auth_method, ()):
+            if not getattr(vault, name):
+                raise ConfigError(
+                    f"backend.vault.{name}: required when auth_method is {vault.auth_method!r}"
+                )
     for name, key in config.keys.items():
         if not _KEY_NAME.match(name):
             raise ConfigError(f"keys.{name}: key names are letters, digits, '_', '.' and '-'")

@@ -106,6 +106,8 @@ class _KeyState:
     info: RootKeyInfo | None = None
     last_upstream_error: str | None = None
     kek_rotations: int = 0
+    #: When the live KEK was first due for replacement but the backend could not be reached.
+    outage_since: float | None = None
 
 
 class Keyring:
@@ -401,9 +403,17 @@ class Keyring:
         )
 
     def _in_grace(self, state: _KeyState, kek: _Kek) -> bool:
+        """May ``kek`` still be used while the backend is down?
+
+        Up to ``upstream_grace`` past the end of its life: its TTL, or — for the live KEK — the
+        moment it was first due for replacement (its uses ran out) and could not be replaced.
+        """
         cfg = state.config
+        end = kek.created_at + cfg.kek_ttl
+        if kek is state.live and state.outage_since is not None:
+            end = min(end, state.outage_since)
         return (
-            self._now() - kek.created_at < cfg.kek_ttl + cfg.upstream_grace
+            self._now() < end + cfg.upstream_grace
             and kek.uses < HARD_MAX_USES
             and kek.root_version >= state.min_decryption_version
         )
@@ -446,12 +456,15 @@ class Keyring:
                 )
             except UpstreamUnavailable:
                 old = state.live
+                if state.outage_since is None:
+                    state.outage_since = self._now()
                 if old is not None and self._in_grace(state, old):
                     return old
                 raise
         if state.live is new or (state.live is not None and self._fresh(state, state.live)):
             return state.live  # another request promoted a KEK while this one waited
         state.next = None
+        state.outage_since = None
         if state.live is not None:
             state.kek_rotations += 1
         new.created_at = self._now()

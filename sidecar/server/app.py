@@ -339,7 +339,11 @@ async def _health(request: web.Request) -> web.Response:
         "ready": ready,
         "version": _version(),
         "keys": keys,
-        "upstream": {"kind": upstream.get("kind"), "state": upstream.get("state")},
+        "upstream": {
+            "kind": upstream.get("kind"),
+            "state": upstream.get("state"),
+            "auth": (upstream.get("auth") or {}).get("state"),
+        },
     }
     audit = services.audit
     if audit is not None:

@@ -220,3 +220,17 @@ async def test_status_never_holds_key_bytes(backend: MemoryBackend, clock: Clock
     text = repr(keyring.status()) + repr(key)
     assert key.plaintext.hex() not in text
     assert key.plaintext not in text.encode()
+
+
+async def test_grace_of_a_used_up_kek_starts_when_it_ran_out(backend: MemoryBackend, clock: Clock) -> None:
+    keyring = make_keyring(backend, clock, kek_max_uses=10)
+    for _ in range(9):
+        await keyring.generate_data_key("payments")
+    backend.available = False  # the prefetch at the last use fails too
+    await keyring.generate_data_key("payments")
+    await keyring.generate_data_key("payments")  # used up: grace starts now, not at its TTL
+    clock.now += 299
+    await keyring.generate_data_key("payments")
+    clock.now += 2
+    with pytest.raises(UpstreamUnavailable):
+        await keyring.generate_data_key("payments")
