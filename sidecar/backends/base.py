@@ -15,6 +15,8 @@ from typing import Any, Protocol, runtime_checkable
 
 #: Key types ``create`` accepts.
 KEY_TYPES = ("aes256", "ec-p256", "ed25519")
+#: Our key types → Vault transit's names, which the API shows.
+TRANSIT_TYPES = {"aes256": "aes256-gcm96", "ec-p256": "ecdsa-p256", "ed25519": "ed25519"}
 
 
 @dataclass(frozen=True, slots=True)

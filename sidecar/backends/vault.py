@@ -31,7 +31,7 @@ import hvac
 import hvac.exceptions
 import requests.exceptions
 
-from sidecar.backends.base import KEY_TYPES, NewKek, RootKeyInfo
+from sidecar.backends.base import KEY_TYPES, TRANSIT_TYPES, NewKek, RootKeyInfo
 from sidecar.backends.vault_auth import UpstreamAuth, UpstreamForbidden, auth_method_for
 from sidecar.config import VaultConfig
 from sidecar.errors import (
@@ -48,8 +48,6 @@ log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
-#: Our key types → transit's.
-TRANSIT_TYPES = {"aes256": "aes256-gcm96", "ec-p256": "ecdsa-p256", "ed25519": "ed25519"}
 #: Transit's key types → ours (others are shown as transit names them).
 _OUR_TYPES = {v: k for k, v in TRANSIT_TYPES.items()}
 

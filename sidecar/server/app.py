@@ -23,6 +23,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 
 from sidecar.audit import AuditLog, AuditRecord, audit_record
+from sidecar.backends.base import TRANSIT_TYPES
 from sidecar.config import Config
 from sidecar.errors import (
     AuditUnavailable,
@@ -237,7 +238,7 @@ def _key_metadata(call: Call, info: Any) -> dict[str, Any]:
     versions = range(info.min_decryption_version, info.latest_version + 1)
     return {
         "name": call.key,
-        "type": info.key_type,
+        "type": TRANSIT_TYPES.get(info.key_type, info.key_type),
         "latest_version": info.latest_version,
         "min_decryption_version": info.min_decryption_version,
         "min_encryption_version": 0,

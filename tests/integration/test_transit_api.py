@@ -264,7 +264,7 @@ def test_key_metadata_and_status_hold_no_key_bytes(sidecar: RunningSidecar) -> N
     made = sidecar.request("POST", DATAKEY).data
     info = sidecar.request("GET", "/v1/transit/keys/payments")
     assert info.status == 200
-    assert info.data["type"] == "aes256" and info.data["backend"] == "vault"
+    assert info.data["type"] == "aes256-gcm96" and info.data["backend"] == "vault"
     assert info.data["latest_version"] >= 1
     status = sidecar.request("GET", "/v1/sidecar/status")
     for text in (info.raw, status.raw):

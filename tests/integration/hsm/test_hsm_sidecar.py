@@ -278,7 +278,7 @@ def test_hsm_ec_p256_signature_verifies_with_cryptography_and_openssl(
     assert signed["key_version"] == 1 and signed["signature"].startswith("sidecar:v1:")
     der = der_of(signed["signature"])
     metadata = ok(sidecar.request("GET", f"/v1/transit/keys/{key}"))
-    assert metadata["type"] == "ec-p256" and metadata["supports_signing"] is True
+    assert metadata["type"] == "ecdsa-p256" and metadata["supports_signing"] is True
     pem = metadata["keys"]["1"]["public_key"]
     public = load_pem_public_key(pem.encode())
     assert isinstance(public, ec.EllipticCurvePublicKey)
