@@ -242,12 +242,16 @@ class Keyring:
         return self._seal(kek, plaintext, canonical, associated_data, sealed.header.expires_at)
 
     async def rotate(self, key_name: str) -> RootKeyInfo:
-        """Rotate the root key in the backend, then start a new KEK under the new version."""
+        """Rotate the root key in the backend; a symmetric key starts a KEK under the new version.
+
+        The new KEK is made at once so the first request after a rotation waits for nothing.
+        """
         state = self._state(key_name)
         with self._span("rotate", state):
             info = await self.backend.rotate(state.root_key)
         self._apply_info(key_name, state, info)
-        await self._rotate_live_kek(key_name, state)
+        if info.key_type == "aes256":
+            await self._rotate_live_kek(key_name, state)
         return info
 
     async def key_info(self, key_name: str) -> RootKeyInfo:

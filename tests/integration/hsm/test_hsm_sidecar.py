@@ -560,10 +560,6 @@ operations = ["verify", "read"]
     assert (no_public.status, no_public.code) == (400, "invalid_request"), no_public
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Keyring.rotate starts a new KEK after rotating, which an asymmetric key cannot make",
-)
 def test_rotating_a_signing_key_through_the_api(
     run_sidecar: Any, short_tmp: Path, hsm_config: Pkcs11Config
 ) -> None:
