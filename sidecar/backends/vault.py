@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import hvac
 import hvac.exceptions
@@ -45,6 +46,8 @@ from sidecar.errors import (
 )
 
 log = logging.getLogger(__name__)
+
+_LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 
 _T = TypeVar("_T")
 
@@ -131,6 +134,13 @@ class VaultBackend:
             method = auth_method_for(config, resolve_path)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        for address in config.addresses:
+            if address.startswith("http://") and urlsplit(address).hostname not in _LOOPBACK:
+                log.warning(
+                    "backend.vault.addresses: %s is plain HTTP to another host; KEKs and the "
+                    "upstream token would cross the network unencrypted — use https://",
+                    address,
+                )
         self._config = config
         self._mount = config.mount
         self._verify: bool | str = resolve_path(config.ca_file) or True

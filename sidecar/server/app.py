@@ -33,6 +33,7 @@ from sidecar.errors import (
     MethodNotAllowed,
     PayloadTooLarge,
     SidecarError,
+    Unauthenticated,
     UnknownPath,
 )
 from sidecar.identity import ANONYMOUS, Identity
@@ -432,9 +433,19 @@ def _data_response(request: web.Request, data: Mapping[str, Any]) -> web.Respons
 
 
 def _bearer(request: web.Request) -> str | None:
+    """The token in ``Authorization: Bearer`` or ``X-Vault-Token``.
+
+    Any other ``Authorization`` scheme is refused rather than ignored: a credential the caller
+    meant to present never silently falls back to the peer credentials.
+    """
     auth = request.headers.get("Authorization")
-    if auth and auth[:7].lower() == "bearer ":
-        return auth[7:].strip() or None
+    if auth:
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer":
+            raise Unauthenticated(
+                f"The Authorization scheme {scheme[:20]!r} is not supported; use 'Bearer <jwt>'."
+            )
+        return token.strip() or ""
     return request.headers.get("X-Vault-Token") or None
 
 

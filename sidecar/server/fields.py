@@ -20,6 +20,8 @@ def parse_body(raw: bytes) -> dict[str, Any]:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise InvalidRequest("The request body is not valid JSON.") from None
+    except RecursionError:
+        raise InvalidRequest("The request body nests too deeply.") from None
     if body is None:
         return {}
     if not isinstance(body, dict):

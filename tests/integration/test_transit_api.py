@@ -156,6 +156,7 @@ def test_bad_blobs_fail_uniformly(openbao: DevOpenBao, run_sidecar: Any, short_t
     [
         ("POST", DATAKEY, b"{not json", 400, "invalid_request"),
         ("POST", DATAKEY, b"[1, 2]", 400, "invalid_request"),
+        ("POST", DATAKEY, b"[" * 100_000 + b"]" * 100_000, 400, "invalid_request"),
         ("POST", DATAKEY, b'{"bits": 100}', 400, "invalid_request"),
         ("POST", DATAKEY, b'{"ttl": "forever"}', 400, "invalid_request"),
         ("POST", DATAKEY, b'{"encryption_context": {"a": 1}}', 400, "invalid_request"),
@@ -305,3 +306,9 @@ def test_another_uid_is_refused(sidecar: RunningSidecar, short_tmp: Path) -> Non
         check=False,
     )
     assert out.stdout.split() == ["403", "permission_denied"], out.stderr
+
+
+def test_an_unsupported_authorization_scheme_is_refused_not_ignored(sidecar: RunningSidecar) -> None:
+    answer = sidecar.request("POST", DATAKEY, headers={"Authorization": "Basic dXNlcjpwdw=="})
+    assert answer.status == 401 and answer.code == "unauthenticated"
+    assert "Bearer" in answer.json["errors"][0]
