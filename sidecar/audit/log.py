@@ -453,7 +453,10 @@ def _scan_tail(fd: int, size: int) -> tuple[int, tuple[int, str] | None]:
                 return start + pos + 1, (record.seq, record.hash)
             pos = line_start - 1
         if start == 0:
-            if size <= MAX_TORN_BYTES and (data.startswith(b"{") or not data.strip(b"\0")):
+            # With no valid record, only the torn first write of a new log is set aside: one
+            # partial line (the first group holds just the ``start`` record), or zeros.
+            content = data.strip(b"\0")
+            if not content or (content.startswith(b"{") and b"\n" not in content):
                 return 0, None
             raise _NotAnAuditLog("it holds no valid audit record")
         if window >= MAX_TORN_BYTES:
