@@ -234,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="action", required=True
     )
     p = audit.add_parser("verify", help="check the hash chain; exit 1 at the first broken record")
-    p.add_argument("files", nargs="+", metavar="FILE", help="audit files, oldest first")
+    p.add_argument("files", nargs="+", metavar="FILE", help="audit files (any order)")
     p.add_argument("--head", help="the last hash the sidecar reports (detects a cut tail)")
     p.set_defaults(func=cmd_audit_verify)
     p = audit.add_parser("hash", help="the audit HMAC of known values, to grep the log for")

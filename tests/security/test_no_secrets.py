@@ -177,11 +177,14 @@ log_level = "DEBUG"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
 
-    transit = openbao.client().secrets.transit
+    client = openbao.client()
+    associated = base64.b64encode(b"kms-sidecar/kek/v1/payments").decode()  # how KEKs are wrapped
     for kek_ciphertext in {wrapped_kek_of(b) for b in blobs}:
-        kek = base64.b64decode(
-            transit.decrypt_data("payments", kek_ciphertext)["data"]["plaintext"]
+        opened = client.adapter.post(
+            "/v1/transit/decrypt/payments",
+            json={"ciphertext": kek_ciphertext, "associated_data": associated},
         )
+        kek = base64.b64decode(opened["data"]["plaintext"])
         assert len(kek) == 32
         secrets_seen.append(kek)
 
