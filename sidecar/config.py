@@ -305,6 +305,8 @@ def _validate(config: Config) -> None:
             raise ConfigError(f"keys.{name}.kek_ttl: must be positive")
         if key.root_poll_interval <= 0:
             raise ConfigError(f"keys.{name}.root_poll_interval: must be positive")
+    if config.audit.max_file_bytes < 0:
+        raise ConfigError("audit.max_file_bytes: must be positive, or 0 to never rotate")
     if config.telemetry.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError("telemetry.log_level: expected DEBUG, INFO, WARNING or ERROR")
     if config.telemetry.log_format not in ("text", "json"):
