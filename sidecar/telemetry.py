@@ -160,10 +160,17 @@ class _StateCollector(Collector):
         up = GaugeMetricFamily("kms_upstream_up", "1 when the key backend answered its last call.")
         up.add_metric([], 1 if backend.get("state") == "ok" else 0)
         yield from (calls, up)
-        for metric_name, number in _numbers(backend.get("auth") or {}, "kms_upstream_auth"):
-            auth = GaugeMetricFamily(metric_name, "Upstream authentication figure.")
-            auth.add_metric([], number)
-            yield auth
+        auth = backend.get("auth") or {}
+        if auth:
+            renewals = CounterMetricFamily("kms_upstream_token_renewals", "Upstream token renewals.")
+            renewals.add_metric([], auth.get("renewals") or 0)
+            logins = CounterMetricFamily("kms_upstream_logins", "Logins to the upstream.")
+            logins.add_metric([], auth.get("logins") or 0)
+            ttl = GaugeMetricFamily("kms_upstream_token_ttl_seconds", "Upstream token TTL left.")
+            ttl.add_metric([], auth.get("token_ttl") or 0)
+            auth_ok = GaugeMetricFamily("kms_upstream_auth_ok", "1 while upstream login works.")
+            auth_ok.add_metric([], 1 if auth.get("state") == "ok" else 0)
+            yield from (renewals, logins, ttl, auth_ok)
 
         audit = state.get("audit")
         if audit:
