@@ -162,7 +162,7 @@ class _StateCollector(Collector):
         yield from (calls, up)
         auth = backend.get("auth") or {}
         if auth:
-            renewals = CounterMetricFamily("kms_upstream_token_renewals", "Upstream token renewals.")
+            renewals = CounterMetricFamily("kms_upstream_token_renewals", "Token renewals.")
             renewals.add_metric([], auth.get("renewals") or 0)
             logins = CounterMetricFamily("kms_upstream_logins", "Logins to the upstream.")
             logins.add_metric([], auth.get("logins") or 0)
