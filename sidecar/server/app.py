@@ -42,6 +42,7 @@ from sidecar.policy import permission_denied
 from sidecar.server import fields
 from sidecar.server.errors import error_response
 from sidecar.server.peer import read_peer_credentials
+from sidecar.server.signing import signing_routes
 from sidecar.server.tls import tls_peer
 from sidecar.telemetry import Metrics, request_id_var, trace_id_hex, tracer
 
@@ -380,9 +381,6 @@ class Route:
 
 _WRITE = ("POST", "PUT")
 
-# Here, not at the top: sidecar.server.signing builds its routes from Route and _keyed above.
-from sidecar.server.signing import SIGNING_ROUTES  # noqa: E402
-
 ROUTES: tuple[Route, ...] = (
     Route(
         _WRITE,
@@ -405,7 +403,7 @@ ROUTES: tuple[Route, ...] = (
     ),
     Route(("GET",), "/v1/sidecar/status", _status, "status"),
     Route(_WRITE, "/v1/sidecar/cache/flush", _flush, "flush"),
-    *SIGNING_ROUTES,
+    *signing_routes(),
     Route(("GET", "HEAD"), "/v1/sys/health", _health, None),
     Route(("GET",), "/metrics", _metrics, None),
 )

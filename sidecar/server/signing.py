@@ -8,16 +8,21 @@ Batch items may carry Vault's ``reference``, echoed in their result.
 
 ``GET /v1/sidecar/jwks/:name`` (operation ``read``) answers a bare JSON Web Key Set
 (``{"keys": [...]}``, no Vault envelope) so JWT libraries can consume it as it is.
+
+``app.py`` imports this module to build its route table, so this module reaches into
+``app.py`` only when the routes are built (:func:`signing_routes`) or a request runs: it can be
+imported first or second.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import weakref
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -31,7 +36,9 @@ from sidecar.keys.signing import (
     signature_version,
 )
 from sidecar.server import fields
-from sidecar.server.app import _FACTS, _IDENTITY, SERVICES, Call, Route, _keyed
+
+if TYPE_CHECKING:
+    from sidecar.server.app import Call, Route
 
 _WRITE = ("POST", "PUT")
 #: One signer (and public-key cache) per keyring, i.e. per running app.
@@ -158,6 +165,8 @@ async def _verify(call: Call, item: Mapping[str, Any]) -> dict[str, Any]:
 
 
 async def _jwks(request: web.Request) -> web.Response:
+    from sidecar.server.app import _FACTS, _IDENTITY, SERVICES, Call
+
     call = Call(
         request.app[SERVICES],
         request[_IDENTITY],
@@ -178,12 +187,20 @@ async def _jwks(request: web.Request) -> web.Response:
 _jwks.operation = "read"  # type: ignore[attr-defined]
 
 
-SIGNING_ROUTES: tuple[Route, ...] = (
-    Route(_WRITE, "/v1/transit/sign/{name}", _keyed("sign", _sign, batch=True), "sign"),
-    Route(_WRITE, "/v1/transit/sign/{name}/{hash}", _keyed("sign", _sign, batch=True), "sign"),
-    Route(_WRITE, "/v1/transit/verify/{name}", _keyed("verify", _verify, batch=True), "verify"),
-    Route(
-        _WRITE, "/v1/transit/verify/{name}/{hash}", _keyed("verify", _verify, batch=True), "verify"
-    ),
-    Route(("GET",), "/v1/sidecar/jwks/{name}", _jwks, "read"),
-)
+@functools.cache
+def signing_routes() -> tuple[Route, ...]:
+    """The sign, verify and JWKS entries of ``app.ROUTES``, built from its ``Route``/``_keyed``."""
+    from sidecar.server.app import Route, _keyed
+
+    return (
+        Route(_WRITE, "/v1/transit/sign/{name}", _keyed("sign", _sign, batch=True), "sign"),
+        Route(_WRITE, "/v1/transit/sign/{name}/{hash}", _keyed("sign", _sign, batch=True), "sign"),
+        Route(_WRITE, "/v1/transit/verify/{name}", _keyed("verify", _verify, batch=True), "verify"),
+        Route(
+            _WRITE,
+            "/v1/transit/verify/{name}/{hash}",
+            _keyed("verify", _verify, batch=True),
+            "verify",
+        ),
+        Route(("GET",), "/v1/sidecar/jwks/{name}", _jwks, "read"),
+    )
