@@ -8,23 +8,17 @@ runs. A route without an operation is refused at build time unless it is in :dat
 from __future__ import annotations
 
 import base64
-import json
 import logging
-import os
 import time
-import uuid
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from aiohttp import web
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 
-from sidecar.audit import AuditLog, AuditRecord, audit_record
 from sidecar.backends.base import TRANSIT_TYPES
-from sidecar.config import Config
 from sidecar.errors import (
     AuditUnavailable,
     DecryptionFailed,
@@ -37,116 +31,33 @@ from sidecar.errors import (
     UnknownPath,
 )
 from sidecar.identity import ANONYMOUS, Identity
-from sidecar.keys.keyring import Keyring
 from sidecar.policy import permission_denied
 from sidecar.server import fields
 from sidecar.server.errors import error_response
 from sidecar.server.peer import read_peer_credentials
-from sidecar.server.signing import signing_routes
+from sidecar.server.routing import (
+    FACTS,
+    IDENTITY,
+    REQUEST_ID,
+    SERVICES,
+    WRITE,
+    Call,
+    Facts,
+    Route,
+    Services,
+    audit_record_for,
+    data_response,
+    keyed,
+    new_request_id,
+)
+from sidecar.server.signing import SIGNING_ROUTES
 from sidecar.server.tls import tls_peer
-from sidecar.telemetry import Metrics, request_id_var, trace_id_hex, tracer
+from sidecar.telemetry import request_id_var, trace_id_hex, tracer
 
 log = logging.getLogger(__name__)
 
 #: Routes reachable without authentication or a policy check, by explicit choice.
 UNGUARDED = frozenset({"/v1/sys/health", "/metrics"})
-
-
-class Authenticator(Protocol):
-    """Turns a request's credentials into an :class:`Identity`; raises ``Unauthenticated``."""
-
-    async def identify(self, connection: Identity, token: str | None) -> Identity:
-        """``connection`` holds what the socket proved (peer credentials, client certificate)."""
-        ...
-
-
-class Authorizer(Protocol):
-    """Allows or refuses one operation; raises ``PermissionDenied`` or ``RateLimited``.
-
-    Returns the name of the rule that allowed it, for the audit trail.
-    """
-
-    def authorize(
-        self,
-        identity: Identity,
-        *,
-        key: str | None,
-        operation: str,
-        context: Mapping[str, str] | None = None,
-        ttl: float | None = None,
-    ) -> str: ...
-
-
-@dataclass(frozen=True, slots=True)
-class Services:
-    """What handlers use, kept in the app under :data:`SERVICES`."""
-
-    config: Config
-    keyring: Keyring
-    authenticator: Authenticator
-    authorizer: Authorizer
-    metrics: Metrics
-    #: ``None`` when ``audit.path`` is empty.
-    audit: AuditLog | None = None
-    #: Whether spans are recorded (an exporter is configured, or a provider was installed).
-    tracing: bool = False
-
-
-SERVICES = web.AppKey("services", Services)
-_IDENTITY = web.RequestKey("identity", Identity)
-_REQUEST_ID = web.RequestKey("request_id", str)
-
-
-@dataclass(slots=True)
-class Facts:
-    """What one request did, for its audit record and span. Never key bytes or plaintext."""
-
-    operation: str | None = None
-    key: str | None = None
-    rule: str | None = None
-    context: Mapping[str, str] | None = None
-    root_version: int | None = None
-    kek_id: str | None = None
-    #: Why a blob did not open; told to the audit log and trace only, never to the caller.
-    cause: str | None = None
-    trace_id: str | None = None
-
-    def sealed(self, root_version: int | None, kek_id: bytes | None) -> None:
-        self.root_version = root_version
-        self.kek_id = kek_id.hex() if kek_id else None
-
-
-_FACTS = web.RequestKey("facts", Facts)
-_SPAN_TOKEN: web.RequestKey[Any] = web.RequestKey("span_token", object)
-
-
-@dataclass(slots=True)
-class Call:
-    """One authenticated request to a keyed route."""
-
-    services: Services
-    identity: Identity
-    key: str
-    operation: str
-    facts: Facts
-    request: web.Request
-
-    async def audit_effect(self) -> None:
-        await _audit_effect(self.request)
-
-    def authorize(self, context: Mapping[str, str] | None = None, ttl: float | None = None) -> str:
-        """The allowing rule's name. An unknown key is refused exactly like a forbidden one."""
-        self.facts.context = context
-        rule = self.services.authorizer.authorize(
-            self.identity, key=self.key, operation=self.operation, context=context, ttl=ttl
-        )
-        self.facts.rule = rule
-        if not self.services.keyring.has_key(self.key):
-            raise permission_denied(self.operation, self.key)
-        return rule
-
-
-ItemHandler = Callable[[Call, Mapping[str, Any]], Awaitable[dict[str, Any]]]
 
 
 # -- keyed operations (each runs once per item of a batch) ---------------------------------
@@ -260,43 +171,12 @@ def _key_metadata(call: Call, info: Any) -> dict[str, Any]:
     }
 
 
-def _keyed(
-    operation: str, run: ItemHandler, *, batch: bool
-) -> Callable[[web.Request], Awaitable[web.Response]]:
-    """A route handler that authorizes and runs ``run`` for the request, or each batch item."""
-
-    async def handler(request: web.Request) -> web.Response:
-        services = request.app[SERVICES]
-        call = Call(
-            services,
-            request[_IDENTITY],
-            request.match_info["name"],
-            operation,
-            request[_FACTS],
-            request,
-        )
-        body = fields.parse_body(await request.read()) if request.can_read_body else {}
-        items = fields.batch_items(body, services.config.server.max_batch_items) if batch else None
-        if items is None:
-            return _data_response(request, await run(call, body))
-        results = []
-        for item in items:
-            try:
-                results.append(await run(call, item))
-            except SidecarError as exc:
-                results.append({"error": exc.message, "code": exc.code})
-        return _data_response(request, {"batch_results": results})
-
-    handler.operation = operation  # type: ignore[attr-defined]
-    return handler
-
-
 # -- sidecar routes ------------------------------------------------------------------------
 
 
 async def _status(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
-    services.authorizer.authorize(request[_IDENTITY], key=None, operation="status")
+    services.authorizer.authorize(request[IDENTITY], key=None, operation="status")
     audit = services.audit
     body = {
         "version": _version(),
@@ -312,7 +192,7 @@ async def _status(request: web.Request) -> web.Response:
             "last_error": audit.last_error,
         },
     }
-    return _data_response(request, body)
+    return data_response(request, body)
 
 
 async def _flush(request: web.Request) -> web.Response:
@@ -321,12 +201,12 @@ async def _flush(request: web.Request) -> web.Response:
     key = body.get("key")
     if key is not None and not isinstance(key, str):
         raise InvalidRequest("Field 'key' must be a key name.")
-    services.authorizer.authorize(request[_IDENTITY], key=key, operation="flush")
+    services.authorizer.authorize(request[IDENTITY], key=key, operation="flush")
     if key is not None and not services.keyring.has_key(key):
         raise permission_denied("flush", key)
     dropped = services.keyring.flush(key)
     log.info("cache flushed for %s: %d KEKs dropped", key or "all keys", dropped)
-    return _data_response(request, {"flushed": key or "*", "keks_dropped": dropped})
+    return data_response(request, {"flushed": key or "*", "keks_dropped": dropped})
 
 
 async def _health(request: web.Request) -> web.Response:
@@ -369,65 +249,33 @@ async def _metrics(request: web.Request) -> web.Response:
     )
 
 
-@dataclass(frozen=True, slots=True)
-class Route:
-    """One entry of the route table. ``operation`` is what the policy check sees."""
-
-    methods: tuple[str, ...]
-    path: str
-    handler: Callable[[web.Request], Awaitable[web.Response]]
-    operation: str | None
-
-
-_WRITE = ("POST", "PUT")
-
 ROUTES: tuple[Route, ...] = (
     Route(
-        _WRITE,
+        WRITE,
         "/v1/transit/datakey/plaintext/{name}",
-        _keyed("datakey", _datakey, batch=True),
+        keyed("datakey", _datakey, batch=True),
         "datakey",
     ),
     Route(
-        _WRITE,
+        WRITE,
         "/v1/transit/datakey/wrapped/{name}",
-        _keyed("datakey-wrapped", _datakey, batch=True),
+        keyed("datakey-wrapped", _datakey, batch=True),
         "datakey-wrapped",
     ),
-    Route(_WRITE, "/v1/transit/encrypt/{name}", _keyed("encrypt", _encrypt, batch=True), "encrypt"),
-    Route(_WRITE, "/v1/transit/decrypt/{name}", _keyed("decrypt", _decrypt, batch=True), "decrypt"),
-    Route(_WRITE, "/v1/transit/rewrap/{name}", _keyed("rewrap", _rewrap, batch=True), "rewrap"),
-    Route(("GET",), "/v1/transit/keys/{name}", _keyed("read", _read_key, batch=False), "read"),
-    Route(
-        _WRITE, "/v1/transit/keys/{name}/rotate", _keyed("rotate", _rotate, batch=False), "rotate"
-    ),
+    Route(WRITE, "/v1/transit/encrypt/{name}", keyed("encrypt", _encrypt, batch=True), "encrypt"),
+    Route(WRITE, "/v1/transit/decrypt/{name}", keyed("decrypt", _decrypt, batch=True), "decrypt"),
+    Route(WRITE, "/v1/transit/rewrap/{name}", keyed("rewrap", _rewrap, batch=True), "rewrap"),
+    Route(("GET",), "/v1/transit/keys/{name}", keyed("read", _read_key, batch=False), "read"),
+    Route(WRITE, "/v1/transit/keys/{name}/rotate", keyed("rotate", _rotate, batch=False), "rotate"),
     Route(("GET",), "/v1/sidecar/status", _status, "status"),
-    Route(_WRITE, "/v1/sidecar/cache/flush", _flush, "flush"),
-    *signing_routes(),
+    Route(WRITE, "/v1/sidecar/cache/flush", _flush, "flush"),
+    *SIGNING_ROUTES,
     Route(("GET", "HEAD"), "/v1/sys/health", _health, None),
     Route(("GET",), "/metrics", _metrics, None),
 )
 
 
 # -- middleware and responses --------------------------------------------------------------
-
-
-def _new_request_id() -> str:
-    return str(uuid.UUID(bytes=os.urandom(16), version=4))
-
-
-def _data_response(request: web.Request, data: Mapping[str, Any]) -> web.Response:
-    body = {
-        "request_id": request[_REQUEST_ID],
-        "lease_id": "",
-        "renewable": False,
-        "lease_duration": 0,
-        "data": data,
-        "wrap_info": None,
-        "warnings": None,
-        "auth": None,
-    }
-    return web.Response(body=json.dumps(body).encode(), content_type="application/json")
 
 
 def _bearer(request: web.Request) -> str | None:
@@ -446,6 +294,8 @@ def _bearer(request: web.Request) -> str | None:
         return token.strip() or ""
     return request.headers.get("X-Vault-Token") or None
 
+
+_SPAN_TOKEN: web.RequestKey[Any] = web.RequestKey("span_token", object)
 
 _HTTP_ERRORS: dict[int, type[SidecarError]] = {
     404: UnknownPath,
@@ -472,14 +322,14 @@ def _make_middleware(
     async def middleware(
         request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        request_id = request[_REQUEST_ID] = _new_request_id()
+        request_id = request[REQUEST_ID] = new_request_id()
         if request.path in UNGUARDED:
             response, _ = await _answer(request, handler)
             return response
         services = request.app[SERVICES]
         started = time.perf_counter()
         log_token = request_id_var.set(request_id)
-        facts = request[_FACTS] = Facts(
+        facts = request[FACTS] = Facts(
             operation=getattr(request.match_info.handler, "operation", None),
             key=request.match_info.get("name"),
         )
@@ -493,11 +343,11 @@ def _make_middleware(
                 connection = _connection_identity(transport)
                 if transport is not None:
                     connections[transport] = connection
-            request[_IDENTITY] = connection
+            request[IDENTITY] = connection
             response, error = await _answer(request, handler, authenticate=True)
             if services.audit is not None:
                 try:
-                    await services.audit.write(_audit(request, facts, error))
+                    await services.audit.write(audit_record_for(request, facts, error))
                 except AuditUnavailable as exc:
                     response, error = error_response(exc, request_id), exc
             outcome = "ok" if error is None else error.code
@@ -520,17 +370,17 @@ async def _answer(
     authenticate: bool = False,
 ) -> tuple[web.StreamResponse, SidecarError | None]:
     """The handler's response, or the error response and the error it answers."""
-    request_id = request[_REQUEST_ID]
+    request_id = request[REQUEST_ID]
     try:
         if authenticate:
             services = request.app[SERVICES]
-            request[_IDENTITY] = await services.authenticator.identify(
-                request[_IDENTITY], _bearer(request)
+            request[IDENTITY] = await services.authenticator.identify(
+                request[IDENTITY], _bearer(request)
             )
         return await handler(request), None
     except SidecarError as exc:
         if isinstance(exc, DecryptionFailed):
-            request[_FACTS].cause = exc.cause
+            request[FACTS].cause = exc.cause
         return error_response(exc, request_id), exc
     except web.HTTPException as exc:
         mapped = _HTTP_ERRORS.get(exc.status)
@@ -551,40 +401,6 @@ async def _answer(
         return error_response(error, request_id), error
 
 
-#: Error codes that mean "not allowed" in the audit log; every other error is an "error".
-_DENIALS = frozenset({"unauthenticated", "permission_denied", "rate_limited"})
-
-
-def _audit(
-    request: web.Request, facts: Facts, error: SidecarError | None, *, outcome: str | None = None
-) -> AuditRecord:
-    if outcome is None:
-        outcome = "ok" if error is None else "denied" if error.code in _DENIALS else "error"
-    return audit_record(
-        time=time.time(),
-        request_id=request[_REQUEST_ID],
-        trace_id=facts.trace_id,
-        identity=request.get(_IDENTITY),
-        rule=facts.rule,
-        operation=facts.operation or "none",
-        key=facts.key,
-        root_version=facts.root_version,
-        kek_id=facts.kek_id,
-        outcome=outcome,
-        error_code=None if error is None else error.code,
-        context=facts.context,
-        hmac_key=request.app[SERVICES].audit.hmac_key,  # type: ignore[union-attr]
-        cause=facts.cause,
-    )
-
-
-async def _audit_effect(request: web.Request) -> None:
-    """Write an ``allowed`` record before an operation with a lasting effect (a rotation)."""
-    services = request.app[SERVICES]
-    if services.audit is not None:
-        await services.audit.write(_audit(request, request[_FACTS], None, outcome="allowed"))
-
-
 def _start_span(request: web.Request, facts: Facts) -> trace.Span:
     parent = propagate.extract(request.headers)
     span = tracer.start_span(
@@ -595,9 +411,9 @@ def _start_span(request: web.Request, facts: Facts) -> trace.Span:
 
 
 def _end_span(span: trace.Span, request: web.Request, facts: Facts, outcome: str) -> None:
-    identity = request.get(_IDENTITY)
+    identity = request.get(IDENTITY)
     attributes = {
-        "kms.request_id": request[_REQUEST_ID],
+        "kms.request_id": request[REQUEST_ID],
         "kms.operation": facts.operation or "none",
         "kms.key": facts.key or "",
         "kms.outcome": outcome,

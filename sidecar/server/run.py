@@ -22,9 +22,11 @@ from sidecar.config import Config
 from sidecar.errors import ConfigError, Unauthenticated
 from sidecar.identity import Identity
 from sidecar.keys.keyring import Keyring
+from sidecar.keys.signing import Signer
 from sidecar.policy import PolicySet, load_policies
-from sidecar.server.app import Services, build_app
+from sidecar.server.app import build_app
 from sidecar.server.listener import unix_listener
+from sidecar.server.routing import Services
 from sidecar.server.tls import ServerTls
 from sidecar.telemetry import Metrics, install_tracer_provider
 
@@ -116,6 +118,7 @@ def build_services(config: Config, backend: RootKeyBackend) -> Services:
         metrics=Metrics(state),
         audit=audit,
         tracing=isinstance(trace.get_tracer_provider(), TracerProvider),
+        signer=Signer(backend, config.root_key_name),
     )
 
 

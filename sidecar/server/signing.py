@@ -1,6 +1,6 @@
 """Sign, verify and JWKS routes, Vault transit's shape (``/v1/transit/sign/:name[/:hash]``…).
 
-Sign and verify are keyed handlers of :mod:`sidecar.server.app` (``_keyed``, operations
+Sign and verify are keyed handlers (:func:`~sidecar.server.routing.keyed`, operations
 ``sign`` and ``verify``, ``batch_input`` supported). Vault reads ``hash_algorithm``,
 ``prehashed``, ``marshaling_algorithm``, ``key_version`` and ``context`` from the top of the body
 for every batch item; here an item may also carry its own, and a hash in the path wins over both.
@@ -8,26 +8,19 @@ Batch items may carry Vault's ``reference``, echoed in their result.
 
 ``GET /v1/sidecar/jwks/:name`` (operation ``read``) answers a bare JSON Web Key Set
 (``{"keys": [...]}``, no Vault envelope) so JWT libraries can consume it as it is.
-
-``app.py`` imports this module to build its route table, so this module reaches into
-``app.py`` only when the routes are built (:func:`signing_routes`) or a request runs: it can be
-imported first or second.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import functools
 import json
-import weakref
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
 from sidecar.errors import InvalidRequest
-from sidecar.keys.keyring import Keyring
 from sidecar.keys.signing import (
     DEFAULT_HASH,
     HASH_ALGORITHMS,
@@ -36,24 +29,17 @@ from sidecar.keys.signing import (
     signature_version,
 )
 from sidecar.server import fields
-
-if TYPE_CHECKING:
-    from sidecar.server.app import Call, Route
-
-_WRITE = ("POST", "PUT")
-#: One signer (and public-key cache) per keyring, i.e. per running app.
-_SIGNERS: weakref.WeakKeyDictionary[Keyring, Signer] = weakref.WeakKeyDictionary()
+from sidecar.server.routing import WRITE, Call, Route, call_for, keyed
 
 #: The body's top-level fields and the path's hash, parsed once per request.
 _DEFAULTS: web.RequestKey[dict[str, Any]] = web.RequestKey("signing_defaults", dict)
 
 
 def signer_for(call: Call) -> Signer:
-    """The signer over the call's keyring, made at first use."""
-    keyring = call.services.keyring
-    signer = _SIGNERS.get(keyring)
+    """The running sidecar's signer."""
+    signer = call.services.signer
     if signer is None:
-        signer = _SIGNERS[keyring] = Signer(keyring.backend, call.services.config.root_key_name)
+        raise InvalidRequest("This sidecar does not sign.")
     return signer
 
 
@@ -165,16 +151,7 @@ async def _verify(call: Call, item: Mapping[str, Any]) -> dict[str, Any]:
 
 
 async def _jwks(request: web.Request) -> web.Response:
-    from sidecar.server.app import _FACTS, _IDENTITY, SERVICES, Call
-
-    call = Call(
-        request.app[SERVICES],
-        request[_IDENTITY],
-        request.match_info["name"],
-        "read",
-        request[_FACTS],
-        request,
-    )
+    call = call_for(request, "read")
     call.authorize()
     jwks = await signer_for(call).jwks(call.key)
     return web.Response(
@@ -187,20 +164,13 @@ async def _jwks(request: web.Request) -> web.Response:
 _jwks.operation = "read"  # type: ignore[attr-defined]
 
 
-@functools.cache
-def signing_routes() -> tuple[Route, ...]:
-    """The sign, verify and JWKS entries of ``app.ROUTES``, built from its ``Route``/``_keyed``."""
-    from sidecar.server.app import Route, _keyed
-
-    return (
-        Route(_WRITE, "/v1/transit/sign/{name}", _keyed("sign", _sign, batch=True), "sign"),
-        Route(_WRITE, "/v1/transit/sign/{name}/{hash}", _keyed("sign", _sign, batch=True), "sign"),
-        Route(_WRITE, "/v1/transit/verify/{name}", _keyed("verify", _verify, batch=True), "verify"),
-        Route(
-            _WRITE,
-            "/v1/transit/verify/{name}/{hash}",
-            _keyed("verify", _verify, batch=True),
-            "verify",
-        ),
-        Route(("GET",), "/v1/sidecar/jwks/{name}", _jwks, "read"),
-    )
+#: The sign, verify and JWKS entries of the route table.
+SIGNING_ROUTES: tuple[Route, ...] = (
+    Route(WRITE, "/v1/transit/sign/{name}", keyed("sign", _sign, batch=True), "sign"),
+    Route(WRITE, "/v1/transit/sign/{name}/{hash}", keyed("sign", _sign, batch=True), "sign"),
+    Route(WRITE, "/v1/transit/verify/{name}", keyed("verify", _verify, batch=True), "verify"),
+    Route(
+        WRITE, "/v1/transit/verify/{name}/{hash}", keyed("verify", _verify, batch=True), "verify"
+    ),
+    Route(("GET",), "/v1/sidecar/jwks/{name}", _jwks, "read"),
+)
