@@ -31,6 +31,8 @@ from urllib.parse import urlsplit
 import hvac
 import hvac.exceptions
 import requests.exceptions
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from sidecar.backends.base import KEY_TYPES, TRANSIT_TYPES, NewKek, RootKeyInfo
 from sidecar.backends.vault_auth import UpstreamAuth, UpstreamForbidden, auth_method_for
@@ -105,6 +107,10 @@ def _translated(operation: str) -> Iterator[None]:
     except hvac.exceptions.InvalidRequest as exc:
         if operation in ("decrypt", "rewrap"):
             raise _Refused(DecryptionFailed(f"upstream refused {operation}")) from None
+        if operation in ("sign", "verify"):  # the caller's input, not our request, was wrong
+            raise _Refused(
+                InvalidRequest(f"The key backend rejected {operation}: {_first_error(exc)}")
+            ) from None
         raise _Refused(
             UpstreamError(f"The key backend rejected {operation}: {_first_error(exc)}")
         ) from None
@@ -461,10 +467,18 @@ def _version_of(ciphertext: str) -> int:
         raise UpstreamError("The key backend returned an unexpected ciphertext.") from None
 
 
+def _pem(key_type: str, public_key: str) -> str:
+    """A transit public key as PEM: transit gives ed25519 keys as raw base64, others as PEM."""
+    if key_type != "ed25519" or public_key.startswith("-----BEGIN"):
+        return public_key
+    raw = ed25519.Ed25519PublicKey.from_public_bytes(_b64(public_key))
+    return raw.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo).decode()
+
+
 def _info(name: str, data: Mapping[str, Any]) -> RootKeyInfo:
     key_type = str(data.get("type", ""))
     public_keys = {
-        int(version): str(entry["public_key"])
+        int(version): _pem(key_type, str(entry["public_key"]))
         for version, entry in (data.get("keys") or {}).items()
         if isinstance(entry, Mapping) and entry.get("public_key")
     }
