@@ -22,11 +22,13 @@ import time
 from pathlib import Path
 
 import jwt
+import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from sidecar.devserver import DevOpenBao
 from tests.conftest import TOKEN_ENV, openbao, request
+from tests.integration.softhsm import SOFTHSM_MODULE, SoftHsm, softhsm_missing
 from tests.integration.test_lifecycle import killed_on_exit, wait_for
 from tests.integration.test_observability import OtlpReceiver, otlp
 
@@ -211,4 +213,100 @@ log_level = "DEBUG"
         for token in tokens:
             if token in data or token.split(b".")[2] in data:
                 leaks.append(f"{name} holds a JWT")
+    assert not leaks, leaks
+
+
+def test_the_hsm_pin_reaches_no_output(short_tmp: Path) -> None:
+    """The same search with the pkcs11 backend: for the PIN (right and wrong) and data keys."""
+    missing = softhsm_missing()
+    if missing:
+        pytest.skip(missing)
+    hsm = SoftHsm.create(short_tmp / "hsm", labels=("kms",))
+    wrong_pin = secrets.token_hex(8)
+    (short_tmp / "policies").mkdir()
+    (short_tmp / "policies" / "p.toml").write_text(
+        f'[[allow]]\nname = "me"\nwhen.unix_uid = [{os.getuid()}]\nkeys = ["*"]\noperations = ["*"]\n'
+    )
+    sock = short_tmp / "h.sock"
+    config = short_tmp / "sidecar.toml"
+    config.write_text(
+        f"""
+[server]
+socket = "{sock}"
+[backend]
+type = "pkcs11"
+[backend.pkcs11]
+module = "{SOFTHSM_MODULE}"
+token_label = "kms"
+pin_env = "KMS_HSM_PIN"
+[keys.payments]
+[audit]
+path = "audit.log"
+[telemetry]
+log_format = "json"
+log_level = "DEBUG"
+"""
+    )
+    env = {**os.environ, **hsm.env(), "KMS_AUDIT_HMAC_KEY": secrets.token_hex(32)}
+    outputs: dict[str, bytes] = {}
+    created = subprocess.run(
+        [sys.executable, "-m", "sidecar", "keys", "create", "payments", "--config", str(config)],
+        env={**env, "KMS_HSM_PIN": hsm.pin},
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
+    outputs["keys create"] = created.stdout + created.stderr
+    data_keys: list[bytes] = []
+    for pin, label in ((hsm.pin, "right"), (wrong_pin, "wrong")):
+        log_path = short_tmp / f"{label}.log"
+        with (
+            open(log_path, "wb") as log_file,
+            subprocess.Popen(
+                [sys.executable, "-m", "sidecar", "run", "--config", str(config)],
+                stderr=log_file,
+                env={**env, "KMS_HSM_PIN": pin},
+            ) as proc,
+            killed_on_exit(proc),
+        ):
+            wait_for(lambda: sock.exists(), proc)
+            made = request(str(sock), "POST", "/v1/transit/datakey/plaintext/payments")
+            outputs[f"{label} datakey"] = made.raw if label == "wrong" else b""
+            if label == "right":
+                assert made.status == 200, made
+                data_keys.append(base64.b64decode(made.data["plaintext"]))
+                opened = request(
+                    str(sock),
+                    "POST",
+                    "/v1/transit/decrypt/payments",
+                    {"ciphertext": made.data["ciphertext"]},
+                )
+                assert opened.status == 200
+            else:
+                assert made.status == 503 and made.code == "upstream_unavailable", made
+            for path in (
+                "/v1/sidecar/status",
+                "/v1/sys/health",
+                "/v1/transit/keys/payments",
+                "/metrics",
+            ):
+                outputs[f"{label} {path}"] = request(str(sock), "GET", path).raw
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+        outputs[f"{label} log"] = log_path.read_bytes()
+    outputs["audit"] = (short_tmp / "audit.log").read_bytes()
+    assert b"upstream_unavailable" in outputs["wrong datakey"]
+    leaks = [
+        f"{name} holds the {which} PIN"
+        for name, data in outputs.items()
+        for which, pin in (("right", hsm.pin), ("wrong", wrong_pin))
+        if pin.encode() in data
+    ]
+    leaks += [
+        f"{name} holds a data key"
+        for name, data in outputs.items()
+        for key in data_keys
+        for form in forms(key)
+        if form in data
+    ]
     assert not leaks, leaks
