@@ -11,8 +11,8 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -138,11 +138,14 @@ dir = "policies"
     )
     sock = str(short_tmp / "r.sock")
     datakey = "/v1/transit/datakey/plaintext/payments"
-    with subprocess.Popen(
-        [sys.executable, "-m", "sidecar", "run", "--config", str(config_file)],
-        stderr=subprocess.PIPE,
-        text=True,
-    ) as proc, killed_on_exit(proc):
+    with (
+        subprocess.Popen(
+            [sys.executable, "-m", "sidecar", "run", "--config", str(config_file)],
+            stderr=subprocess.PIPE,
+            text=True,
+        ) as proc,
+        killed_on_exit(proc),
+    ):
         assert proc.stderr is not None
         wait_for(lambda: os.path.exists(sock), proc)
         assert request(sock, "POST", datakey).status == 200
@@ -185,12 +188,15 @@ def wait_for(condition: Any, proc: subprocess.Popen[str], timeout: float = 30) -
 
 def test_dev_command_prints_socket_and_serves(short_tmp: Path) -> None:
     sock = str(short_tmp / "dev.sock")
-    with subprocess.Popen(
-        [sys.executable, "-m", "sidecar", "dev", "--socket", sock],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    ) as proc, killed_on_exit(proc):
+    with (
+        subprocess.Popen(
+            [sys.executable, "-m", "sidecar", "dev", "--socket", sock],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        ) as proc,
+        killed_on_exit(proc),
+    ):
         assert proc.stdout is not None
         lines = []
         for line in proc.stdout:

@@ -308,7 +308,9 @@ def test_another_uid_is_refused(sidecar: RunningSidecar, short_tmp: Path) -> Non
     assert out.stdout.split() == ["403", "permission_denied"], out.stderr
 
 
-def test_an_unsupported_authorization_scheme_is_refused_not_ignored(sidecar: RunningSidecar) -> None:
+def test_an_unsupported_authorization_scheme_is_refused_not_ignored(
+    sidecar: RunningSidecar,
+) -> None:
     answer = sidecar.request("POST", DATAKEY, headers={"Authorization": "Basic dXNlcjpwdw=="})
     assert answer.status == 401 and answer.code == "unauthenticated"
     assert "Bearer" in answer.json["errors"][0]

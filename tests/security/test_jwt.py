@@ -306,7 +306,7 @@ def test_bad_key_configuration_stops_start_up(tmp_path: Path, keys: Keys) -> Non
 async def test_a_sidecar_without_jwt_configuration_refuses_tokens(keys: Keys) -> None:
     verifier = JwtVerifier(AuthConfig())
     assert not verifier.enabled
-    with pytest.raises(Unauthenticated, match="this sidecar does not accept tokens; .*BAO_TOKEN"):
+    with pytest.raises(Unauthenticated, match=r"this sidecar does not accept tokens; .*BAO_TOKEN"):
         await verifier.verify(mint(keys.rsa_key, "RS256", "rsa-1"))
 
 

@@ -24,7 +24,9 @@ def wrapped_kek_of(blob: str) -> str:
     return raw[pos + 2 : pos + 2 + length].decode()
 
 
-def test_a_blobs_wrapped_kek_cannot_be_decrypted_through_the_passthrough(sidecar: RunningSidecar) -> None:
+def test_a_blobs_wrapped_kek_cannot_be_decrypted_through_the_passthrough(
+    sidecar: RunningSidecar,
+) -> None:
     made = sidecar.request("POST", "/v1/transit/datakey/plaintext/payments").data
     kek_ciphertext = wrapped_kek_of(made["ciphertext"])
     assert kek_ciphertext.startswith("vault:v")
@@ -33,5 +35,7 @@ def test_a_blobs_wrapped_kek_cannot_be_decrypted_through_the_passthrough(sidecar
         assert answer.status == 400 and answer.code == "decryption_failed", (path, answer)
         assert "plaintext" not in answer.text
     # the passthrough itself still works for what applications encrypted with Vault directly
-    legacy = sidecar.request("POST", "/v1/transit/decrypt/payments", {"ciphertext": made["ciphertext"]})
+    legacy = sidecar.request(
+        "POST", "/v1/transit/decrypt/payments", {"ciphertext": made["ciphertext"]}
+    )
     assert legacy.status == 200

@@ -73,7 +73,10 @@ def test_full_design_example_loads(tmp_path: Path) -> None:
         ({"keys": {"bad name": {}}}, "keys.bad name: key names"),
         ({"server": {"tcp_address": "127.0.0.1:8443"}}, "server.tls_cert_file: required"),
         ({"backend": {"vault": {"auth_method": "approle"}}}, "backend.vault.role_id: required"),
-        ({"backend": {"vault": {"auth_method": "jwt", "role": "r"}}}, "backend.vault.jwt_file: required"),
+        (
+            {"backend": {"vault": {"auth_method": "jwt", "role": "r"}}},
+            "backend.vault.jwt_file: required",
+        ),
     ],
 )
 def test_bad_config_names_the_key(raw: dict[str, object], message: str) -> None:

@@ -222,7 +222,9 @@ async def test_status_never_holds_key_bytes(backend: MemoryBackend, clock: Clock
     assert key.plaintext not in text.encode()
 
 
-async def test_grace_of_a_used_up_kek_starts_when_it_ran_out(backend: MemoryBackend, clock: Clock) -> None:
+async def test_grace_of_a_used_up_kek_starts_when_it_ran_out(
+    backend: MemoryBackend, clock: Clock
+) -> None:
     keyring = make_keyring(backend, clock, kek_max_uses=10)
     for _ in range(9):
         await keyring.generate_data_key("payments")
