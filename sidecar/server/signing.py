@@ -12,8 +12,6 @@ Batch items may carry Vault's ``reference``, echoed in their result.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -81,7 +79,7 @@ def _options(item: Mapping[str, Any], defaults: Mapping[str, Any]) -> SignOption
         prehashed=_bool(pick("prehashed"), "prehashed"),
         marshaling_algorithm=marshaling,
         key_version=_version(pick("key_version")),
-        context=_base64(pick("context"), "context"),
+        context=fields.base64_field({"context": pick("context")}, "context") or None,
     )
 
 
@@ -103,17 +101,6 @@ def _version(value: Any) -> int | None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise InvalidRequest("Field 'key_version' must be a positive version number.")
     return value
-
-
-def _base64(value: Any, name: str) -> bytes | None:
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise InvalidRequest(f"Field '{name}' must be a base64 string.")
-    try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise InvalidRequest(f"Field '{name}' is not valid base64.") from None
 
 
 def _input(item: Mapping[str, Any]) -> bytes:
