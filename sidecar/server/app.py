@@ -176,7 +176,9 @@ def _key_metadata(call: Call, info: Any) -> dict[str, Any]:
 
 async def _status(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
-    services.authorizer.authorize(request[IDENTITY], key=None, operation="status")
+    request[FACTS].rule = services.authorizer.authorize(
+        request[IDENTITY], key=None, operation="status"
+    )
     audit = services.audit
     body = {
         "version": _version(),
@@ -201,7 +203,9 @@ async def _flush(request: web.Request) -> web.Response:
     key = body.get("key")
     if key is not None and not isinstance(key, str):
         raise InvalidRequest("Field 'key' must be a key name.")
-    services.authorizer.authorize(request[IDENTITY], key=key, operation="flush")
+    facts = request[FACTS]
+    facts.key = key
+    facts.rule = services.authorizer.authorize(request[IDENTITY], key=key, operation="flush")
     if key is not None and not services.keyring.has_key(key):
         raise permission_denied("flush", key)
     dropped = services.keyring.flush(key)
