@@ -186,10 +186,29 @@ class KekCipher:
         nonce: bytes,
     ) -> str:
         """The blob sealing ``plaintext``; ``nonce`` must be 12 fresh random bytes."""
-        header_bytes = header.encode()
+        return self.seal_encoded(
+            header.encode(),
+            header.root_version,
+            plaintext,
+            context=context,
+            associated_data=associated_data,
+            nonce=nonce,
+        )
+
+    def seal_encoded(
+        self,
+        header_bytes: bytes,
+        root_version: int,
+        plaintext: bytes,
+        *,
+        context: bytes,
+        associated_data: bytes,
+        nonce: bytes,
+    ) -> str:
+        """:meth:`seal` with the header already encoded (the keyring reuses a KEK's header)."""
         sealed = self._aead.encrypt(nonce, plaintext, _aad(header_bytes, context, associated_data))
         body = base64.b64encode(header_bytes + nonce + sealed).decode()
-        return f"{PREFIX}v{header.root_version}:{body}"
+        return f"{PREFIX}v{root_version}:{body}"
 
     def open(self, sealed: Sealed, *, context: bytes, associated_data: bytes) -> bytes:
         """The plaintext in ``sealed``. Raises ``DecryptionFailed``."""

@@ -63,6 +63,19 @@ class _Kek:
     root_version: int
     created_at: float
     uses: int = 0
+    #: When (Unix seconds) and after how many uses its successor is fetched; set when it goes live.
+    prefetch_at: float = float("inf")
+    prefetch_uses: int = 1 << 62
+    #: The header of every blob this KEK seals without an expiry, encoded once.
+    header_bytes: bytes = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.header_bytes = self.header(None).encode()
+
+    def header(self, expires_at: int | None) -> envelope.Header:
+        return envelope.Header(
+            self.key_name, self.root_version, self.kek_id, self.wrapped, expires_at
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,14 +169,15 @@ class Keyring:
         """A fresh DEK of ``bits`` and its blob. ``ttl`` (seconds) bounds when it can be opened."""
         if bits not in DEK_BITS:
             raise InvalidRequest("bits must be 128, 256 or 512.")
-        plaintext = self._random(bits // 8)
-        sealed = await self.encrypt(
-            key_name, plaintext, context=context, associated_data=associated_data, ttl=ttl
-        )
-        assert sealed.kek_id is not None
-        return DataKey(
-            plaintext, sealed.blob, sealed.root_version, sealed.expires_at, sealed.kek_id
-        )
+        state = self._state(key_name)
+        canonical = envelope.canonical_context(context)
+        expires_at = self._expiry(ttl)
+        kek = self._live_kek_now(state) or await self._rotate_live_kek(key_name, state)
+        size = bits // 8
+        random = self._random(size + envelope.NONCE_BYTES)  # one call: the DEK and its nonce
+        plaintext = random[:size]
+        blob = self._seal(kek, plaintext, canonical, associated_data, expires_at, random[size:])
+        return DataKey(plaintext, blob, kek.root_version, expires_at, kek.kek_id)
 
     async def encrypt(
         self,
@@ -177,13 +191,19 @@ class Keyring:
         """Seal ``plaintext`` into a blob under the live KEK of ``key_name``."""
         state = self._state(key_name)
         canonical = envelope.canonical_context(context)
-        expires_at = None
-        if ttl is not None:
-            if ttl <= 0:
-                raise InvalidRequest("ttl must be positive.")
-            expires_at = int(self._now() + ttl + 0.999)
+        expires_at = self._expiry(ttl)
         kek = self._live_kek_now(state) or await self._rotate_live_kek(key_name, state)
-        return self._seal(kek, plaintext, canonical, associated_data, expires_at)
+        nonce = self._random(envelope.NONCE_BYTES)
+        blob = self._seal(kek, plaintext, canonical, associated_data, expires_at, nonce)
+        return Sealed(blob, kek.root_version, kek.kek_id, expires_at)
+
+    def _expiry(self, ttl: float | None) -> int | None:
+        """The Unix second after which a blob sealed now with ``ttl`` no longer opens."""
+        if ttl is None:
+            return None
+        if ttl <= 0:
+            raise InvalidRequest("ttl must be positive.")
+        return int(self._now() + ttl + 0.999)
 
     async def decrypt(
         self,
@@ -239,7 +259,10 @@ class Keyring:
         old = await self._kek_for(state, sealed.header)
         plaintext = old.cipher.open(sealed, context=canonical, associated_data=associated_data)
         kek = self._live_kek_now(state) or await self._rotate_live_kek(key_name, state)
-        return self._seal(kek, plaintext, canonical, associated_data, sealed.header.expires_at)
+        expires_at = sealed.header.expires_at
+        nonce = self._random(envelope.NONCE_BYTES)
+        blob = self._seal(kek, plaintext, canonical, associated_data, expires_at, nonce)
+        return Sealed(blob, kek.root_version, kek.kek_id, expires_at)
 
     async def rotate(self, key_name: str) -> RootKeyInfo:
         """Rotate the root key in the backend; a symmetric key starts a KEK under the new version.
@@ -371,19 +394,19 @@ class Keyring:
         context: bytes,
         associated_data: bytes,
         expires_at: int | None,
-    ) -> Sealed:
-        header = envelope.Header(
-            kek.key_name, kek.root_version, kek.kek_id, kek.wrapped, expires_at
-        )
-        blob = kek.cipher.seal(
-            header,
+        nonce: bytes,
+    ) -> str:
+        header_bytes = kek.header_bytes if expires_at is None else kek.header(expires_at).encode()
+        blob = kek.cipher.seal_encoded(
+            header_bytes,
+            kek.root_version,
             plaintext,
             context=context,
             associated_data=associated_data,
-            nonce=self._random(envelope.NONCE_BYTES),
+            nonce=nonce,
         )
         kek.uses += 1
-        return Sealed(blob, kek.root_version, kek.kek_id, expires_at)
+        return blob
 
     def _check(self, key_name: str, state: _KeyState, sealed: envelope.Sealed) -> envelope.Sealed:
         header = sealed.header
@@ -427,15 +450,8 @@ class Keyring:
         kek = state.live
         if kek is None or not self._fresh(state, kek):
             return None
-        cfg = state.config
-        uses_left = cfg.kek_max_uses - kek.uses
-        time_left = kek.created_at + cfg.kek_ttl - self._now()
         if (
-            (
-                uses_left <= max(1, cfg.kek_max_uses * PREFETCH_REMAINING)
-                or time_left
-                <= min(PREFETCH_LEAD_MAX_SECONDS, cfg.kek_ttl * PREFETCH_REMAINING * 10)
-            )
+            (kek.uses >= kek.prefetch_uses or self._now() >= kek.prefetch_at)
             and state.next is None
             and ("next", kek.key_name) not in self._inflight
         ):
@@ -471,7 +487,11 @@ class Keyring:
         state.outage_since = None
         if state.live is not None:
             state.kek_rotations += 1
+        cfg = state.config
         new.created_at = self._now()
+        lead = min(PREFETCH_LEAD_MAX_SECONDS, cfg.kek_ttl * PREFETCH_REMAINING * 10)
+        new.prefetch_at = new.created_at + cfg.kek_ttl - lead
+        new.prefetch_uses = cfg.kek_max_uses - max(1, int(cfg.kek_max_uses * PREFETCH_REMAINING))
         state.live = new
         log.info(
             "key %s: new KEK %s (root version %d)", key_name, new.kek_id.hex(), new.root_version
