@@ -1,7 +1,7 @@
 """The kms-sidecar benchmark: prints DESIGN §10's figures and ratios, measured in one run.
 
     python -m bench.bench [--duration SECONDS] [--quick] [--issuances N] [--settle SECONDS]
-                          [--starts N] [--json FILE]
+                          [--starts N] [--rounds N] [--json FILE]
 
 Every server runs pinned to one core and the load generator (this process) to another, so each
 figure is "what one core of server does". Phases, each at 1 and at 64 connections:
@@ -364,6 +364,11 @@ class Phase:
     per_request_items: int = 1
     #: Seconds spent waiting for the machine to be quiet before the phase.
     waited_for_quiet: float = 0.0
+    #: req/s of every round, in the order measured (one entry without ``--rounds``).
+    round_rates: tuple[float, ...] = ()
+    #: Failed requests summed over every round, and the first failure of any round.
+    round_errors: int = 0
+    first_error: str | None = None
 
     @property
     def items_per_second(self) -> float:
@@ -383,6 +388,8 @@ class Phase:
             "other_on_server_core_fraction": round(self.other_on_server_core, 3),
             "other_on_generator_core_fraction": round(self.other_on_generator_core, 3),
             "waited_for_quiet_seconds": round(self.waited_for_quiet, 1),
+            "round_requests_per_second": [round(r, 1) for r in self.round_rates],
+            "errors_all_rounds": self.round_errors,
         }
 
 
@@ -397,6 +404,8 @@ class Bench:
     workdir: Path
     #: Longest wait for the machine to be quiet before a phase (seconds; 0: do not wait).
     settle: float = 0.0
+    #: Times each phase is measured; the round of median req/s is kept.
+    rounds: int = 1
     phases: dict[str, Phase] = field(default_factory=dict)
     pinning: dict[str, str] = field(default_factory=dict)
     servers: list[ServerProcess] = field(default_factory=list)
@@ -423,7 +432,36 @@ class Bench:
         check: BodyCheck | None = None,
         per_request_items: int = 1,
     ) -> Phase:
-        """Load the server for one phase, print its row and keep it."""
+        """Load the server for one phase (``rounds`` times), print its row and keep it.
+
+        With several rounds the phase is the round of median req/s; errors of every round
+        count.
+        """
+        rounds = [
+            self._measure_once(
+                name, server_pid, endpoint, request, connections, check, per_request_items
+            )
+            for _ in range(self.rounds)
+        ]
+        ordered = sorted(rounds, key=lambda p: p.result.requests_per_second)
+        phase = ordered[len(ordered) // 2]
+        phase.round_rates = tuple(p.result.requests_per_second for p in rounds)
+        phase.round_errors = sum(p.result.errors for p in rounds)
+        phase.first_error = next((p.result.first_error for p in rounds if p.result.errors), None)
+        self.phases[name] = phase
+        print_phase(phase)
+        return phase
+
+    def _measure_once(
+        self,
+        name: str,
+        server_pid: int,
+        endpoint: Endpoint,
+        request: bytes,
+        connections: int,
+        check: BodyCheck | None,
+        per_request_items: int,
+    ) -> Phase:
         waited = self.wait_for_quiet()
         cores_before = core_busy_seconds()
         server_before = process_cpu_seconds(server_pid)
@@ -451,10 +489,7 @@ class Bench:
                 max(0.0, busy[self.cores.server] - server),
                 max(0.0, busy[self.cores.generator] - generator),
             )
-        phase = Phase(name, result, server, generator, *other, per_request_items, waited)
-        self.phases[name] = phase
-        print_phase(phase)
-        return phase
+        return Phase(name, result, server, generator, *other, per_request_items, waited)
 
     def wait_for_quiet(self) -> float:
         """Wait until other processes leave both cores nearly idle for 0.5 s; seconds waited.
@@ -682,15 +717,20 @@ _HEADER = (
 def print_phase(phase: Phase) -> None:
     r = phase.result
     mark = " *" if phase.disturbed else ""
+    if len(phase.round_rates) > 1:
+        mark += "  rounds: " + " / ".join(f"{rate:,.0f}" for rate in phase.round_rates)
     print(
         f"{phase.name:<36} {r.connections:>5} {r.requests_per_second:>8,.0f}"
-        f" {r.percentile_ms(0.5):>7.3f} {r.percentile_ms(0.99):>7.3f} {r.errors:>6}"
+        f" {r.percentile_ms(0.5):>7.3f} {r.percentile_ms(0.99):>7.3f} {phase.round_errors:>6}"
         f" {phase.server_cpu:>6.0%} {phase.generator_cpu:>5.0%}"
         f" {phase.other_on_server_core:>5.0%} {phase.other_on_generator_core:>5.0%}{mark}",
         flush=True,
     )
-    if r.errors:
-        print(f"    !!! {r.errors} ERRORS in this phase; first: {r.first_error}", flush=True)
+    if phase.round_errors:
+        print(
+            f"    !!! {phase.round_errors} ERRORS in this phase; first: {phase.first_error}",
+            flush=True,
+        )
 
 
 @dataclass(frozen=True)
@@ -861,7 +901,7 @@ def run_bench(args: argparse.Namespace) -> int:
         tempfile.TemporaryDirectory(prefix="kms-bench-") as tmp,
         asyncio.Runner(loop_factory=factory) as runner,
     ):
-        bench = Bench(runner, cores, args.duration, warmup, Path(tmp), args.settle)
+        bench = Bench(runner, cores, args.duration, warmup, Path(tmp), args.settle, args.rounds)
         bench.pinning["load generator (this process)"] = affinity_report(os.getpid())
         try:
             measure_generator(bench)
@@ -879,7 +919,7 @@ def run_bench(args: argparse.Namespace) -> int:
             bench.stop_all()
 
     targets = design_targets(bare, openbao, sidecar, starts, issuance)
-    errors = sum(p.result.errors for p in bench.phases.values())
+    errors = sum(p.round_errors for p in bench.phases.values())
     errors += issuance["errors"] if issuance else 0
     print_report(bench, sidecar, starts, issuance, targets, errors)
     if args.json:
@@ -935,6 +975,13 @@ def main(argv: list[str] | None = None) -> int:
         help="before each phase, wait up to this long for other processes to leave the cores"
         " idle (default: 10; 0: don't wait)",
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        metavar="N",
+        help="measure every phase N times and keep the round of median req/s (default: 1)",
+    )
     parser.add_argument("--json", metavar="FILE", help="also write every figure to FILE")
     parser.add_argument("--serve", choices=("bare", "canned"), help=argparse.SUPPRESS)
     parser.add_argument("--socket", help=argparse.SUPPRESS)
@@ -947,6 +994,7 @@ def main(argv: list[str] | None = None) -> int:
         args.starts = min(args.starts, 2)
         args.settle = min(args.settle, 2.0)
     args.starts = max(1, args.starts)
+    args.rounds = max(1, args.rounds)
     try:
         return run_bench(args)
     except BenchError as exc:
