@@ -366,6 +366,8 @@ class Phase:
     waited_for_quiet: float = 0.0
     #: req/s of every round, in the order measured (one entry without ``--rounds``).
     round_rates: tuple[float, ...] = ()
+    #: Items (data keys, for datakey phases) answered in the measured windows of every round.
+    round_items: int = 0
     #: Failed requests summed over every round, and the first failure of any round.
     round_errors: int = 0
     first_error: str | None = None
@@ -447,6 +449,7 @@ class Bench:
         phase = ordered[len(ordered) // 2]
         phase.round_rates = tuple(p.result.requests_per_second for p in rounds)
         phase.round_errors = sum(p.result.errors for p in rounds)
+        phase.round_items = sum(p.result.completed * per_request_items for p in rounds)
         phase.first_error = next((p.result.first_error for p in rounds if p.result.errors), None)
         self.phases[name] = phase
         print_phase(phase)
@@ -667,9 +670,7 @@ def measure_sidecar(bench: Bench, bao: DevOpenBao) -> SidecarFigures:
         f"sidecar datakey batch {BATCH_SIZE}", pid, endpoint, batch_request(), _batch_ok, BATCH_SIZE
     )
     upstream = upstream_delta(before, sidecar.upstream_snapshot())
-    upstream["data_keys_issued"] = sum(
-        p.result.completed * p.per_request_items for p in (*datakey, *batch)
-    )
+    upstream["data_keys_issued"] = sum(p.round_items for p in (*datakey, *batch))
     bench.pinning["sidecar, after its phases"] = affinity_report(sidecar.pid)
     sidecar.stop()
     return SidecarFigures(datakey, decrypt, batch, start_seconds, upstream)
@@ -842,7 +843,8 @@ def print_report(
     up = sidecar.upstream
     print(
         f"upstream calls during the sidecar phases: {up['calls']} {up['calls_by_operation']},"
-        f" KEK rotations {up['kek_rotations']}, data keys issued {up['data_keys_issued']:,}"
+        f" KEK rotations {up['kek_rotations']}; data keys issued in the measured windows"
+        f" {up['data_keys_issued']:,} (and more during warm-ups)"
     )
     if issuance is not None:
         iu = issuance["upstream"]
