@@ -10,7 +10,9 @@ path; everything else (KEK caches, upstream, audit) is read from its owner at sc
 
 from __future__ import annotations
 
+import bisect
 import contextvars
+import itertools
 import json
 import logging
 import sys
@@ -22,8 +24,8 @@ from opentelemetry import trace
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from sidecar.config import TelemetryConfig
@@ -62,57 +64,84 @@ def trace_id_hex(span: trace.Span) -> str | None:
     return format(context.trace_id, "032x") if context.is_valid else None
 
 
+#: Upper bounds (seconds) of the request latency histogram's buckets.
+LATENCY_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.5,
+    1.0,
+    5.0,
+)
+
+
 class Metrics:
-    """The sidecar's Prometheus registry. ``sources`` are read at scrape time."""
+    """The sidecar's Prometheus registry. ``sources`` are read at scrape time.
+
+    Requests are counted in plain integers on the event loop (no locks: only the loop writes
+    them) and turned into Prometheus families when ``/metrics`` is scraped.
+    """
 
     def __init__(self, sources: Callable[[], Mapping[str, Any]]) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter(
-            "kms_requests",
-            "Requests handled, by operation and outcome (ok, or the error code).",
-            ["operation", "outcome"],
-            registry=self.registry,
-        )
-        self.latency = Histogram(
-            "kms_request_duration_seconds",
-            "Time to answer a request, by operation.",
-            ["operation"],
-            buckets=(
-                0.0001,
-                0.00025,
-                0.0005,
-                0.001,
-                0.0025,
-                0.005,
-                0.01,
-                0.025,
-                0.05,
-                0.1,
-                0.5,
-                1,
-                5,
-            ),
-            registry=self.registry,
-        )
+        self._requests: dict[tuple[str, str], int] = {}
+        #: operation → [count per bucket (last: +Inf)..., sum of seconds]
+        self._latency: dict[str, list[float]] = {}
         self.registry.register(_StateCollector(sources))
-        self._children: dict[tuple[str, str], Any] = {}
-        self._latencies: dict[str, Any] = {}
+        self.registry.register(_RequestCollector(self._requests, self._latency))
 
     def observe(self, operation: str, outcome: str, seconds: float) -> None:
-        """Count one request; cheap enough for the hot path (children are cached)."""
-        counter = self._children.get((operation, outcome))
-        if counter is None:
-            counter = self._children[(operation, outcome)] = self.requests.labels(
-                operation, outcome
-            )
-        counter.inc()
-        histogram = self._latencies.get(operation)
+        """Count one request: a dict update and a bucket search, for the hot path."""
+        key = (operation, outcome)
+        self._requests[key] = self._requests.get(key, 0) + 1
+        histogram = self._latency.get(operation)
         if histogram is None:
-            histogram = self._latencies[operation] = self.latency.labels(operation)
-        histogram.observe(seconds)
+            histogram = self._latency[operation] = [0.0] * (len(LATENCY_BUCKETS) + 2)
+        histogram[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        histogram[-1] += seconds
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _RequestCollector(Collector):
+    """The request counters and latency histograms, as Prometheus families."""
+
+    def __init__(
+        self, requests: dict[tuple[str, str], int], latency: dict[str, list[float]]
+    ) -> None:
+        self._requests = requests
+        self._latency = latency
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        requests = CounterMetricFamily(
+            "kms_requests",
+            "Requests handled, by operation and outcome (ok, or the error code).",
+            labels=["operation", "outcome"],
+        )
+        for (operation, outcome), count in sorted(self._requests.items()):
+            requests.add_metric([operation, outcome], count)
+        latency = HistogramMetricFamily(
+            "kms_request_duration_seconds",
+            "Time to answer a request, by operation.",
+            labels=["operation"],
+        )
+        for operation, histogram in sorted(self._latency.items()):
+            counts = list(itertools.accumulate(histogram[:-1]))
+            buckets = [(str(bound), counts[i]) for i, bound in enumerate(LATENCY_BUCKETS)]
+            buckets.append(("+Inf", counts[-1]))
+            latency.add_metric([operation], buckets, histogram[-1])
+        yield from (requests, latency)
 
 
 class _StateCollector(Collector):

@@ -11,10 +11,12 @@ from typing import Any
 from sidecar.config import parse_duration
 from sidecar.errors import InvalidRequest, PayloadTooLarge
 
+_EMPTY = frozenset({b"", b"{}", b"null"})
+
 
 def parse_body(raw: bytes) -> dict[str, Any]:
     """The JSON object in ``raw``; an empty body or ``null`` is ``{}``."""
-    if not raw.strip():
+    if raw in _EMPTY or not raw.strip():
         return {}
     try:
         body = json.loads(raw)
