@@ -181,6 +181,8 @@ def new_request_id() -> str:
     return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
 
 
+#: One compact encoder, made once (``json.dumps`` with options builds a new one per call).
+_to_json = json.JSONEncoder(separators=(",", ":")).encode
 _VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
 _ENVELOPE = (
     '{{"request_id":"{}","lease_id":"","renewable":false,"lease_duration":0,"data":{},'
@@ -190,7 +192,7 @@ _ENVELOPE = (
 
 def data_response(request: web.Request, data: Mapping[str, Any]) -> web.Response:
     """Vault's response envelope around ``data``."""
-    body = _ENVELOPE.format(request[REQUEST_ID], json.dumps(data, separators=(",", ":")))
+    body = _ENVELOPE.format(request[REQUEST_ID], _to_json(data))
     return web.Response(body=body.encode(), content_type="application/json")
 
 
