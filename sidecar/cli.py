@@ -123,6 +123,20 @@ def cmd_rewrap(args: argparse.Namespace) -> int:
     return asyncio.run(rewrap())
 
 
+def cmd_cache_flush(args: argparse.Namespace) -> int:
+    """Revoke: ask a running sidecar to drop its cached KEKs (one key's, or all)."""
+    from sidecar.client import Client
+
+    socket_path = args.socket
+    if socket_path is None and (args.config or os.environ.get(CONFIG_ENV)):
+        config = _config_from(args)
+        socket_path = config.resolve_path(config.server.socket)
+    with Client(socket_path) as client:
+        client.flush(args.key)
+    print(f"cached KEKs dropped for {args.key or 'every key'}; the next use fetches afresh")
+    return 0
+
+
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     from sidecar.audit import verify_command
 
@@ -229,6 +243,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help=f"config file (default: ${CONFIG_ENV})")
     p.add_argument("--key", required=True, help="the key the blobs belong to")
     p.set_defaults(func=cmd_rewrap)
+
+    cache = sub.add_parser("cache", help="a running sidecar's KEK cache")
+    p = cache.add_subparsers(dest="action", required=True).add_parser(
+        "flush", help="drop cached KEKs at once (revocation)"
+    )
+    p.add_argument("--key", help="only this key (default: every key)")
+    p.add_argument("--socket", help="the sidecar's socket (default: from --config)")
+    p.add_argument("--config", help=f"config file (default: ${CONFIG_ENV})")
+    p.set_defaults(func=cmd_cache_flush)
 
     audit = sub.add_parser("audit", help="audit log tools").add_subparsers(
         dest="action", required=True
