@@ -97,10 +97,6 @@ class DevOpenBao:
     def create_key(self, name: str, key_type: str = "aes256-gcm96") -> None:
         self.client().secrets.transit.create_key(name, key_type=key_type, mount_point=self.mount)
 
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
-
     def kill(self) -> None:
         """Kill the server at once (an outage), keeping its directory."""
         if self._process is not None and self._process.poll() is None:
