@@ -133,6 +133,43 @@ def rewrap(key: str, ciphertext: str, *, context: Mapping[str, str] | None) -> C
     return Call("POST", f"/v1/transit/rewrap/{key_segment(key)}", fields, _ciphertext)
 
 
+def sign(key: str, message: bytes, *, hash_algorithm: str, marshaling: str) -> Call[str]:
+    fields = {
+        "input": base64.b64encode(message).decode(),
+        "hash_algorithm": hash_algorithm,
+        "marshaling_algorithm": marshaling,
+    }
+    return Call(
+        "POST",
+        f"/v1/transit/sign/{key_segment(key)}",
+        fields,
+        lambda b: _str(_data(b), "signature"),
+    )
+
+
+def verify(
+    key: str, message: bytes, signature: str, *, hash_algorithm: str, marshaling: str
+) -> Call[bool]:
+    fields = {
+        "input": base64.b64encode(message).decode(),
+        "signature": signature,
+        "hash_algorithm": hash_algorithm,
+        "marshaling_algorithm": marshaling,
+    }
+
+    def parse(body: Mapping[str, Any]) -> bool:
+        valid = _data(body).get("valid")
+        if not isinstance(valid, bool):
+            raise UnexpectedResponse("The sidecar's verify answer has no boolean 'valid'.")
+        return valid
+
+    return Call("POST", f"/v1/transit/verify/{key_segment(key)}", fields, parse)
+
+
+def jwks(key: str) -> Call[dict[str, Any]]:
+    return Call("GET", f"/v1/sidecar/jwks/{key_segment(key)}", None, dict)
+
+
 def key_info(key: str) -> Call[dict[str, Any]]:
     return Call("GET", f"/v1/transit/keys/{key_segment(key)}", None, lambda body: dict(_data(body)))
 

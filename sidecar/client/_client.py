@@ -152,6 +152,42 @@ class AsyncClient:
         """The blob moved to ``key``'s newest root version; the plaintext stays in the sidecar."""
         return await self._run(_calls.rewrap(key, ciphertext, context=context))
 
+    async def sign(
+        self,
+        key: str,
+        message: bytes,
+        *,
+        hash_algorithm: str = "sha2-256",
+        marshaling: str = "asn1",
+    ) -> str:
+        """A signature of ``message`` by the asymmetric ``key`` (``sidecar:vN:`` or ``vault:vN:``).
+
+        ``marshaling`` is ``asn1`` (DER) or ``jws`` (raw r‖s, base64url), as in Vault.
+        """
+        return await self._run(
+            _calls.sign(key, message, hash_algorithm=hash_algorithm, marshaling=marshaling)
+        )
+
+    async def verify(
+        self,
+        key: str,
+        message: bytes,
+        signature: str,
+        *,
+        hash_algorithm: str = "sha2-256",
+        marshaling: str = "asn1",
+    ) -> bool:
+        """Whether ``signature`` is ``key``'s signature of ``message`` (checked in the sidecar)."""
+        return await self._run(
+            _calls.verify(
+                key, message, signature, hash_algorithm=hash_algorithm, marshaling=marshaling
+            )
+        )
+
+    async def jwks(self, key: str) -> dict[str, Any]:
+        """``key``'s public keys as a JSON Web Key Set (``{"keys": [...]}``)."""
+        return await self._run(_calls.jwks(key))
+
     async def key_info(self, key: str) -> dict[str, Any]:
         """``key``'s metadata as Vault shapes it (``type``, ``latest_version``, ``keys``, ...)."""
         return await self._run(_calls.key_info(key))
@@ -263,6 +299,39 @@ class Client:
     def rewrap(self, key: str, ciphertext: str, *, context: Mapping[str, str] | None = None) -> str:
         """The blob moved to the newest root version; see ``AsyncClient.rewrap``."""
         return self._run(_calls.rewrap(key, ciphertext, context=context))
+
+    def sign(
+        self,
+        key: str,
+        message: bytes,
+        *,
+        hash_algorithm: str = "sha2-256",
+        marshaling: str = "asn1",
+    ) -> str:
+        """A signature of ``message``; see ``AsyncClient.sign``."""
+        return self._run(
+            _calls.sign(key, message, hash_algorithm=hash_algorithm, marshaling=marshaling)
+        )
+
+    def verify(
+        self,
+        key: str,
+        message: bytes,
+        signature: str,
+        *,
+        hash_algorithm: str = "sha2-256",
+        marshaling: str = "asn1",
+    ) -> bool:
+        """Whether ``signature`` is ``key``'s signature of ``message``."""
+        return self._run(
+            _calls.verify(
+                key, message, signature, hash_algorithm=hash_algorithm, marshaling=marshaling
+            )
+        )
+
+    def jwks(self, key: str) -> dict[str, Any]:
+        """``key``'s public keys as a JSON Web Key Set."""
+        return self._run(_calls.jwks(key))
 
     def key_info(self, key: str) -> dict[str, Any]:
         """``key``'s metadata as Vault shapes it."""

@@ -185,3 +185,18 @@ def test_refusals(signer: RunningSidecar, signing_keys: dict[str, str]) -> None:
     assert garbled is False
     unknown = signer.request("POST", "/v1/transit/sign/not-configured", {"input": b64(b"m")})
     assert (unknown.status, unknown.code) == (403, "permission_denied"), unknown
+
+
+@pytest.mark.parametrize("kind", ["ec", "ed"])
+def test_the_client_sdk_signs_verifies_and_reads_the_jwks(
+    signer: RunningSidecar, signing_keys: dict[str, str], kind: str
+) -> None:
+    from sidecar.client import Client
+
+    key = signing_keys[kind]
+    with Client(signer.socket) as client:
+        signature = client.sign(key, b"release 7")
+        assert signature.startswith("vault:v1:")
+        assert client.verify(key, b"release 7", signature) is True
+        assert client.verify(key, b"release 8", signature) is False
+        assert [k["kty"] for k in client.jwks(key)["keys"]] == ["EC" if kind == "ec" else "OKP"]
