@@ -165,7 +165,8 @@ async def serve(
 ) -> None:
     """Run the sidecar until ``stop`` is set or SIGTERM/SIGINT arrives, then drain and exit.
 
-    SIGHUP reloads the policies and the TLS files; a bad new file keeps the old ones.
+    SIGHUP reloads the policies, the TLS files and the JWT signing keys; a bad new file keeps the
+    old ones.
     """
     stop = stop or asyncio.Event()
     server = config.server
@@ -181,12 +182,20 @@ async def serve(
         else None
     )
 
+    reloads: set[asyncio.Task[None]] = set()
+
     def reload() -> None:
-        log.info("SIGHUP: reloading policies and TLS files")
+        log.info("SIGHUP: reloading policies, TLS files and JWT signing keys")
         if isinstance(services.authorizer, PolicyAuthorizer):
             services.authorizer.reload()
         if tls is not None:
             tls.reload()
+        if isinstance(services.authenticator, CallerAuthenticator):
+            verifier = services.authenticator.verifier
+            if verifier.enabled:  # a withdrawn signing key stops verifying without a restart
+                task = asyncio.create_task(verifier.refresh_keys())
+                reloads.add(task)
+                task.add_done_callback(reloads.discard)
 
     handlers: dict[signal.Signals, Callable[[], None]] = {
         signal.SIGTERM: stop.set,

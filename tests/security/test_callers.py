@@ -25,7 +25,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from sidecar.devserver import DevOpenBao, free_port
-from tests.conftest import TOKEN_ENV, RunningSidecar, openbao, sidecar_config, vault_sections
+from tests.conftest import (
+    TOKEN_ENV,
+    RunningSidecar,
+    openbao,
+    request,
+    sidecar_config,
+    vault_sections,
+)
 from tests.security.test_jwt import AUDIENCE, ISSUER, Keys, jwks_endpoint, keys  # fixtures
 
 __all__ = ["jwks_endpoint", "keys", "openbao"]
@@ -438,5 +445,51 @@ token_env = "{TOKEN_ENV}"
         proc.send_signal(signal.SIGHUP)
         time.sleep(0.5)  # nothing to poll for: the point is that nothing changes
         assert _served_serial(tls_files) == renewed.serial_number
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+
+
+def test_sighup_withdraws_a_jwt_signing_key(
+    openbao: DevOpenBao, keys: Keys, short_tmp: Path
+) -> None:
+    """A signing key removed from the JWKS file stops verifying after SIGHUP, without a restart."""
+    import signal
+    import subprocess
+    import sys
+
+    from tests.integration.test_lifecycle import killed_on_exit, wait_for
+    from tests.security.test_jwt import jwks
+
+    jwks_file = short_tmp / "jwks.json"
+    jwks_file.write_text(json.dumps(jwks(keys)))
+    (short_tmp / "policies").mkdir()
+    (short_tmp / "policies" / "p.toml").write_text(POLICY)
+    sock = short_tmp / "j.sock"
+    config = short_tmp / "sidecar.toml"
+    config.write_text(
+        f'[server]\nsocket = "{sock}"\n'
+        f'[auth]\njwt_issuer = "{ISSUER}"\njwt_audiences = ["{AUDIENCE}"]\njwt_jwks_file = "jwks.json"\n'
+        f'[backend.vault]\naddresses = ["{openbao.address}"]\ntoken_env = "{TOKEN_ENV}"\n[keys.payments]\n'
+    )
+    body = {"encryption_context": {"tenant": "acme"}}
+    with (
+        subprocess.Popen(
+            [sys.executable, "-m", "sidecar", "run", "--config", str(config)],
+            stderr=subprocess.DEVNULL,
+        ) as proc,
+        killed_on_exit(proc),
+    ):
+        wait_for(lambda: sock.exists(), proc)
+
+        def status() -> int:
+            bearer = {"Authorization": f"Bearer {token(keys.rsa_key, tenant='acme')}"}
+            return request(str(sock), "POST", DATAKEY, body, headers=bearer).status
+
+        assert status() == 200
+        remaining = jwks(keys)
+        remaining["keys"] = [k for k in remaining["keys"] if k["kid"] != "rsa-1"]
+        jwks_file.write_text(json.dumps(remaining))
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: status() == 401, proc)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
