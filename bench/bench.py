@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import math
 import os
@@ -36,12 +35,23 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from bench.loadgen import BodyCheck, Endpoint, Result, build_request, fetch, run_load
+from bench.machine import (
+    BenchError,
+    Cores,
+    affinity_report,
+    children_named,
+    core_busy_seconds,
+    own_affinity,
+    pin_all_threads,
+    process_cpu_seconds,
+    stop_process,
+)
 
 if TYPE_CHECKING:
     from sidecar.devserver import DevOpenBao
@@ -55,118 +65,6 @@ DATAKEY_PATH = f"/v1/transit/datakey/plaintext/{KEY_NAME}"
 DECRYPT_PATH = f"/v1/transit/decrypt/{KEY_NAME}"
 BATCH_SIZE = 100
 HIGH_CONCURRENCY = 64
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-class BenchError(Exception):
-    """A server could not be started or answered wrongly outside a load phase."""
-
-
-# -- CPU pinning and accounting -----------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Cores:
-    """Which CPU the servers get and which the generator gets (None: no pinning possible)."""
-
-    server: int | None
-    generator: int | None
-
-    @classmethod
-    def choose(cls) -> Cores:
-        allowed = sorted(os.sched_getaffinity(0))
-        if len(allowed) < 2:
-            return cls(None, None)
-        return cls(allowed[0], allowed[1])
-
-    def pin_child(self) -> Callable[[], None] | None:
-        """A ``preexec_fn`` pinning a child (and every thread it starts) to the server core."""
-        if self.server is None:
-            return None
-        cpu = self.server
-        return lambda: os.sched_setaffinity(0, {cpu})
-
-
-@contextlib.contextmanager
-def own_affinity(cpu: int | None) -> Iterator[None]:
-    """Run this thread on ``cpu`` for a while, so children spawned meanwhile inherit it."""
-    if cpu is None:
-        yield
-        return
-    saved = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {cpu})
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, saved)
-
-
-def thread_ids(pid: int) -> list[int]:
-    try:
-        return sorted(int(tid) for tid in os.listdir(f"/proc/{pid}/task"))
-    except FileNotFoundError:
-        return []
-
-
-def pin_all_threads(pid: int, cpu: int | None) -> None:
-    """Pin every existing thread of ``pid`` (Go starts several) to ``cpu``."""
-    if cpu is None:
-        return
-    for tid in thread_ids(pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.sched_setaffinity(tid, {cpu})
-
-
-def affinity_report(pid: int) -> str:
-    """The CPUs each thread of ``pid`` may run on, as read back from the kernel."""
-    masks: dict[str, int] = {}
-    for tid in thread_ids(pid):
-        with contextlib.suppress(ProcessLookupError):
-            key = ",".join(map(str, sorted(os.sched_getaffinity(tid))))
-            masks[key] = masks.get(key, 0) + 1
-    return "; ".join(f"CPU {cpus} ({n} thread{'s' * (n != 1)})" for cpus, n in masks.items())
-
-
-def children_named(name: str) -> list[int]:
-    """Pids of this process's children whose command is ``name``."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
-        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-        if ppid == os.getpid() and comm == name:
-            found.append(int(entry))
-    return found
-
-
-def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of ``pid`` (all its threads) so far; 0 when it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0.0
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
-def core_busy_seconds() -> dict[int, float]:
-    """Seconds each CPU spent running processes (user, nice, system) since boot, /proc/stat.
-
-    Interrupt time is left out: the kernel charges it to no process, and loopback networking
-    puts much of a server's own work there.
-    """
-    busy = {}
-    for line in Path("/proc/stat").read_text().splitlines():
-        name, *values = line.split()
-        if name.startswith("cpu") and name != "cpu":
-            ticks = [int(v) for v in values]
-            busy[int(name[3:])] = sum(ticks[:3]) / CLOCK_TICKS
-    return busy
 
 
 # -- servers ------------------------------------------------------------------------------
@@ -235,14 +133,8 @@ class ServerProcess:
             return "(no log)"
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        if self.process is not None:
+            stop_process(self.process)
 
 
 def bench_server_argv(kind: str, socket_path: str) -> list[str]:

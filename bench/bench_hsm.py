@@ -30,102 +30,35 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from bench.bench import DATAKEY_PATH, HIGH_CONCURRENCY, KEY_NAME, REPO_ROOT, TOKEN_ENV
 from bench.loadgen import Endpoint, Result, build_request, fetch, run_load
+from bench.machine import (
+    BenchError,
+    Cores,
+    affinity_report,
+    children_named,
+    core_busy_seconds,
+    own_affinity,
+    pin_all_threads,
+    process_cpu_seconds,
+    stop_process,
+)
 
 _T = TypeVar("_T")
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
-KEY_NAME = "bench"
 SIGNING_KEY = "bench-ec"
 TOKEN_LABEL = "kms-bench"  # noqa: S105 - a token label, not a secret
 PIN_ENV = "KMS_BENCH_HSM_PIN"
-TOKEN_ENV = "KMS_BENCH_BAO_TOKEN"  # noqa: S105 - the variable's name, not a token
-DATAKEY_PATH = f"/v1/transit/datakey/plaintext/{KEY_NAME}"
-HIGH_CONCURRENCY = 64
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-class BenchError(Exception):
-    """A server or the token could not be set up."""
-
-
-# -- cores ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Cores:
-    """The servers' CPU and the generator's CPU (None: fewer than 2 CPUs, nothing pinned)."""
-
-    server: int | None
-    generator: int | None
-
-    @classmethod
-    def choose(cls) -> Cores:
-        allowed = sorted(os.sched_getaffinity(0))
-        return cls(allowed[0], allowed[1]) if len(allowed) >= 2 else cls(None, None)
-
-
-@contextlib.contextmanager
-def on_cpu(cpu: int | None) -> Iterator[None]:
-    """This thread on ``cpu`` meanwhile, so processes spawned now inherit the mask."""
-    if cpu is None:
-        yield
-        return
-    saved = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {cpu})
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, saved)
-
-
-def pin_threads(pid: int, cpu: int | None) -> None:
-    """Pin every thread ``pid`` has now (OpenBao's Go runtime starts several)."""
-    if cpu is None:
-        return
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with contextlib.suppress(ProcessLookupError):
-            os.sched_setaffinity(int(tid), {cpu})
-
-
-def masks(pid: int) -> str:
-    """The distinct CPU masks of ``pid``'s threads, read back from the kernel."""
-    found: dict[str, int] = {}
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with contextlib.suppress(ProcessLookupError):
-            key = ",".join(map(str, sorted(os.sched_getaffinity(int(tid)))))
-            found[key] = found.get(key, 0) + 1
-    return "; ".join(f"CPU {cpus} ({n} threads)" for cpus, n in found.items())
-
-
-def core_busy_seconds(cpu: int | None) -> float:
-    """Seconds ``cpu`` (every CPU when None) ran processes since boot (user, nice, system)."""
-    total = 0.0
-    for line in Path("/proc/stat").read_text().splitlines():
-        name, *values = line.split()
-        if name.startswith("cpu") and name != "cpu" and (cpu is None or name == f"cpu{cpu}"):
-            total += sum(int(v) for v in values[:3]) / CLOCK_TICKS
-    return total
-
-
-def cpu_seconds(pid: int) -> float:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0.0
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 # -- SoftHSM and the servers -----------------------------------------------------------------
@@ -190,7 +123,7 @@ class SidecarProcess:
                 stdin=subprocess.DEVNULL,
                 cwd=REPO_ROOT,
                 env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **env},
-                preexec_fn=None if cores.server is None else _pin_to(cores.server),
+                preexec_fn=cores.pin_child(),
             )
         self.endpoint = Endpoint(unix_path=self.socket)
         self._wait_ready()
@@ -214,17 +147,7 @@ class SidecarProcess:
         return calls
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
-def _pin_to(cpu: int) -> Callable[[], None]:
-    return lambda: os.sched_setaffinity(0, {cpu})
+        stop_process(self.process)
 
 
 def pkcs11_section(token: Token) -> str:
@@ -293,8 +216,8 @@ async def load(
     warmup: float,
     cores: Cores,
 ) -> LoadFigure:
-    before = cpu_seconds(sidecar.process.pid)
-    core_before = core_busy_seconds(cores.server)
+    before = process_cpu_seconds(sidecar.process.pid)
+    core_before = core_busy_seconds()
     started = time.perf_counter()
     result = await run_load(
         sidecar.endpoint,
@@ -305,8 +228,11 @@ async def load(
         check=lambda body: b'"ciphertext"' in body and b'"plaintext"' in body,
     )
     wall = time.perf_counter() - started
-    server = (cpu_seconds(sidecar.process.pid) - before) / wall
-    other = max(0.0, (core_busy_seconds(cores.server) - core_before) / wall - server)
+    server = (process_cpu_seconds(sidecar.process.pid) - before) / wall
+    core_after = core_busy_seconds()
+    cpus = core_after if cores.server is None else [cores.server]  # None: nothing pinned
+    busy = sum(core_after[c] - core_before[c] for c in cpus)
+    other = max(0.0, busy / wall - server)
     figure = LoadFigure(name, result, server, other)
     print(
         f"{name:<34} {connections:>5} {result.requests_per_second:>9,.0f}"
@@ -433,7 +359,7 @@ def run(args: argparse.Namespace) -> int:
     if cores.server is None:
         print("!!! fewer than 2 CPUs: nothing is pinned; servers and generator share the CPU")
     pinning: dict[str, str] = {
-        "load generator and backend calls (this process)": masks(os.getpid())
+        "load generator and backend calls (this process)": affinity_report(os.getpid())
     }
     loads: list[LoadFigure] = []
     rates: list[CallFigure] = []
@@ -443,13 +369,13 @@ def run(args: argparse.Namespace) -> int:
         os.environ.update(token.env)
         _run(create_hsm_keys())
         bao = DevOpenBao()
-        with on_cpu(cores.server):
+        with own_affinity(cores.server):
             bao.start()
         try:
-            bao_pids = _children("bao")
+            bao_pids = children_named("bao")
             for pid in bao_pids:
-                pin_threads(pid, cores.server)
-                pinning["OpenBao (bao server -dev)"] = masks(pid)
+                pin_all_threads(pid, cores.server)
+                pinning["OpenBao (bao server -dev)"] = affinity_report(pid)
             bao.create_key(KEY_NAME)
             os.environ[TOKEN_ENV] = bao.root_token
             print(
@@ -476,7 +402,7 @@ def run(args: argparse.Namespace) -> int:
                         loads.append(_run(figure))
                 for tag, sidecar in sidecars.items():
                     after = sidecar.backend_calls()
-                    pinning[f"sidecar ({tag} backend)"] = masks(sidecar.process.pid)
+                    pinning[f"sidecar ({tag} backend)"] = affinity_report(sidecar.process.pid)
                     made = {k: v - before[tag].get(k, 0) for k, v in after.items()}
                     print(f"    backend calls during the {tag} phases: {made}")
             finally:
@@ -528,23 +454,6 @@ def run(args: argparse.Namespace) -> int:
             + "\n"
         )
     return 1 if errors else 0
-
-
-def _children(name: str) -> list[int]:
-    """Pids of this process's children whose command is ``name``."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
-        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-        if ppid == os.getpid() and comm == name:
-            found.append(int(entry))
-    return found
 
 
 def _run(coro: Coroutine[Any, Any, _T]) -> _T:
