@@ -144,7 +144,17 @@ def test_rewrap_command_streams_a_migration(
 def test_cache_flush_command_revokes(polled: RunningSidecar, key: str) -> None:
     made = polled.request("POST", f"/v1/transit/datakey/plaintext/{key}").data
     done = subprocess.run(
-        [sys.executable, "-m", "sidecar", "cache", "flush", "--key", key, "--socket", polled.socket],
+        [
+            sys.executable,
+            "-m",
+            "sidecar",
+            "cache",
+            "flush",
+            "--key",
+            key,
+            "--socket",
+            polled.socket,
+        ],
         capture_output=True,
         text=True,
         timeout=60,
@@ -154,10 +164,22 @@ def test_cache_flush_command_revokes(polled: RunningSidecar, key: str) -> None:
     assert f"cached KEKs dropped for {key}" in done.stdout
     status = polled.request("GET", "/v1/sidecar/status").data["keys"][key]
     assert status["cached_keks"] == 0 and status["live_kek"] is None
-    opened = polled.request("POST", f"/v1/transit/decrypt/{key}", {"ciphertext": made["ciphertext"]})
+    opened = polled.request(
+        "POST", f"/v1/transit/decrypt/{key}", {"ciphertext": made["ciphertext"]}
+    )
     assert opened.data["plaintext"] == made["plaintext"]
     refused = subprocess.run(
-        [sys.executable, "-m", "sidecar", "cache", "flush", "--key", "nosuch", "--socket", polled.socket],
+        [
+            sys.executable,
+            "-m",
+            "sidecar",
+            "cache",
+            "flush",
+            "--key",
+            "nosuch",
+            "--socket",
+            polled.socket,
+        ],
         capture_output=True,
         text=True,
         timeout=60,
