@@ -21,7 +21,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from opentelemetry.trace import SpanKind
 
@@ -78,28 +78,35 @@ class _Kek:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class DataKey:
+# Results are NamedTuples: immutable like frozen dataclasses, and several times cheaper to make,
+# which counts when a batch makes hundreds per request.
+
+
+class DataKey(NamedTuple):
     """A new data key: ``plaintext`` for the caller's use, ``blob`` to store beside the data."""
 
-    plaintext: bytes = field(repr=False)
+    plaintext: bytes
     blob: str
     root_version: int
     expires_at: int | None
     kek_id: bytes
 
+    def __repr__(self) -> str:
+        return f"DataKey(plaintext=<redacted>, blob={self.blob!r}, version={self.root_version})"
 
-@dataclass(frozen=True, slots=True)
-class Opened:
+
+class Opened(NamedTuple):
     """What a blob held, and which KEK and root version sealed it."""
 
-    plaintext: bytes = field(repr=False)
+    plaintext: bytes
     root_version: int
     kek_id: bytes | None
 
+    def __repr__(self) -> str:
+        return f"Opened(plaintext=<redacted>, root_version={self.root_version})"
 
-@dataclass(frozen=True, slots=True)
-class Sealed:
+
+class Sealed(NamedTuple):
     """A blob made by ``encrypt`` or ``rewrap``."""
 
     blob: str

@@ -427,7 +427,7 @@ def _end_span(span: trace.Span, request: web.Request, facts: Facts, outcome: str
     if facts.root_version is not None:
         attributes["kms.root_version"] = facts.root_version
     if facts.kek_id is not None:
-        attributes["kms.kek_id"] = facts.kek_id
+        attributes["kms.kek_id"] = facts.kek_id.hex()
     span.set_attributes(attributes)
     span.add_event("audit", attributes)
     if outcome != "ok":

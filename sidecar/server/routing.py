@@ -83,14 +83,14 @@ class Facts:
     rule: str | None = None
     context: Mapping[str, str] | None = None
     root_version: int | None = None
-    kek_id: str | None = None
+    kek_id: bytes | None = None
     #: Why a blob did not open; told to the audit log and trace only, never to the caller.
     cause: str | None = None
     trace_id: str | None = None
 
     def sealed(self, root_version: int | None, kek_id: bytes | None) -> None:
         self.root_version = root_version
-        self.kek_id = kek_id.hex() if kek_id else None
+        self.kek_id = kek_id  # hex only when a record or span is written
 
 
 FACTS = web.RequestKey("facts", Facts)
@@ -214,7 +214,7 @@ def audit_record_for(
         operation=facts.operation or "none",
         key=facts.key,
         root_version=facts.root_version,
-        kek_id=facts.kek_id,
+        kek_id=facts.kek_id.hex() if facts.kek_id else None,
         outcome=outcome,
         error_code=None if error is None else error.code,
         context=facts.context,
