@@ -183,9 +183,8 @@ def cmd_dev(args: argparse.Namespace) -> int:
             },
             base_dir=str(workdir),
         )
-        print(_dev_banner(socket_path, bao.address), flush=True)
         try:
-            run(config)
+            run(config, on_ready=lambda path: print(_dev_banner(path, bao.address), flush=True))
         finally:
             for file in policies.iterdir():
                 file.unlink()

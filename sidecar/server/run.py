@@ -244,11 +244,11 @@ async def serve(
     log.info("kms-sidecar stopped")
 
 
-def run(config: Config) -> None:
+def run(config: Config, *, on_ready: Callable[[str], None] | None = None) -> None:
     """Run :func:`serve` on uvloop when it is installed, else on asyncio's loop."""
     try:
         import uvloop
     except ImportError:
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, on_ready=on_ready))
     else:
-        uvloop.run(serve(config))
+        uvloop.run(serve(config, on_ready=on_ready))
