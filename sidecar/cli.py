@@ -206,12 +206,14 @@ def dev_policy(uid: int) -> str:
 
 
 def _dev_banner(socket_path: str, bao_address: str) -> str:
+    from sidecar.devserver import find_bao
+
     return f"""
 kms-sidecar {__version__} (dev) — embedded OpenBao at {bao_address}, key "default"
 socket: {socket_path}
 
   curl -s --unix-socket {socket_path} -X POST http://localhost/v1/transit/datakey/plaintext/default
-  BAO_ADDR=unix://{socket_path} bao write -f transit/datakey/plaintext/default
+  BAO_ADDR=unix://{socket_path} {find_bao()} write -f transit/datakey/plaintext/default
 
 Ctrl-C stops the sidecar and OpenBao.
 """

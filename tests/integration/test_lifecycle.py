@@ -19,7 +19,7 @@ import pytest
 
 from sidecar.backends.memory import MemoryBackend
 from sidecar.cli import dev_policy
-from sidecar.devserver import DevOpenBao
+from sidecar.devserver import DevOpenBao, find_bao
 from sidecar.errors import ConfigError
 from sidecar.server.app import ROUTES, UNGUARDED, build_app
 from sidecar.server.listener import SocketInUse, unix_listener
@@ -206,7 +206,10 @@ def test_dev_command_prints_socket_and_serves(short_tmp: Path) -> None:
         banner = "".join(lines)
         assert f"socket: {sock}" in banner
         assert f"curl -s --unix-socket {sock}" in banner
-        assert f"BAO_ADDR=unix://{sock} bao write -f transit/datakey/plaintext/default" in banner
+        assert (
+            f"BAO_ADDR=unix://{sock} {find_bao()} write -f transit/datakey/plaintext/default"
+            in banner
+        )
         deadline = time.monotonic() + 30
         while True:
             try:
