@@ -199,10 +199,9 @@ class Keyring:
         state = self._state(key_name)
         canonical = envelope.canonical_context(context)
         expires_at = self._expiry(ttl)
-        kek = self._live_kek_now(state) or await self._rotate_live_kek(key_name, state)
-        nonce = self._random(envelope.NONCE_BYTES)
-        blob = self._seal(kek, plaintext, canonical, associated_data, expires_at, nonce)
-        return Sealed(blob, kek.root_version, kek.kek_id, expires_at)
+        return await self._seal_live(
+            key_name, state, plaintext, canonical, associated_data, expires_at
+        )
 
     def _expiry(self, ttl: float | None) -> int | None:
         """The Unix second after which a blob sealed now with ``ttl`` no longer opens."""
@@ -242,11 +241,10 @@ class Keyring:
                     state.root_key, blob, None
                 )
             return Opened(plaintext, _vault_version(blob), None)
-        canonical = envelope.canonical_context(context)
-        sealed = self._check(key_name, state, envelope.parse(blob))
-        kek = await self._kek_for(state, sealed.header)
-        plaintext = kek.cipher.open(sealed, context=canonical, associated_data=associated_data)
-        return Opened(plaintext, sealed.header.root_version, sealed.header.kek_id)
+        plaintext, header = await self._open_local(
+            key_name, state, blob, envelope.canonical_context(context), associated_data
+        )
+        return Opened(plaintext, header.root_version, header.kek_id)
 
     async def rewrap(
         self,
@@ -262,14 +260,12 @@ class Keyring:
             rewrapped = await self._upstream(state).rewrap_ciphertext(state.root_key, blob, None)
             return Sealed(rewrapped, _vault_version(rewrapped), None)
         canonical = envelope.canonical_context(context)
-        sealed = self._check(key_name, state, envelope.parse(blob))
-        old = await self._kek_for(state, sealed.header)
-        plaintext = old.cipher.open(sealed, context=canonical, associated_data=associated_data)
-        kek = self._live_kek_now(state) or await self._rotate_live_kek(key_name, state)
-        expires_at = sealed.header.expires_at
-        nonce = self._random(envelope.NONCE_BYTES)
-        blob = self._seal(kek, plaintext, canonical, associated_data, expires_at, nonce)
-        return Sealed(blob, kek.root_version, kek.kek_id, expires_at)
+        plaintext, header = await self._open_local(
+            key_name, state, blob, canonical, associated_data
+        )
+        return await self._seal_live(
+            key_name, state, plaintext, canonical, associated_data, header.expires_at
+        )
 
     async def rotate(self, key_name: str) -> RootKeyInfo:
         """Rotate the root key in the backend; a symmetric key starts a KEK under the new version.
@@ -414,6 +410,30 @@ class Keyring:
         )
         kek.uses += 1
         return blob
+
+    async def _open_local(
+        self, key_name: str, state: _KeyState, blob: str, context: bytes, associated_data: bytes
+    ) -> tuple[bytes, envelope.Header]:
+        """The plaintext of a ``sidecar:`` blob and its header. Raises ``DecryptionFailed``."""
+        sealed = self._check(key_name, state, envelope.parse(blob))
+        kek = await self._kek_for(state, sealed.header)
+        plaintext = kek.cipher.open(sealed, context=context, associated_data=associated_data)
+        return plaintext, sealed.header
+
+    async def _seal_live(
+        self,
+        key_name: str,
+        state: _KeyState,
+        plaintext: bytes,
+        context: bytes,
+        associated_data: bytes,
+        expires_at: int | None,
+    ) -> Sealed:
+        """``plaintext`` sealed under the live KEK (rotated first if it must be)."""
+        kek = self._live_kek_now(state) or await self._rotate_live_kek(key_name, state)
+        nonce = self._random(envelope.NONCE_BYTES)
+        blob = self._seal(kek, plaintext, context, associated_data, expires_at, nonce)
+        return Sealed(blob, kek.root_version, kek.kek_id, expires_at)
 
     def _check(self, key_name: str, state: _KeyState, sealed: envelope.Sealed) -> envelope.Sealed:
         header = sealed.header
