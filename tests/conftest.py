@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
 import os
 import socket
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -199,3 +203,49 @@ def vault_sections(
         "backend": {"type": "vault", "vault": {"addresses": [bao.address], "token_env": TOKEN_ENV}},
         "keys": keys if keys is not None else {"payments": {}, "default": {}},
     }
+
+
+def wait_for(condition: Any, proc: subprocess.Popen[Any], timeout: float = 30) -> None:
+    """Poll ``condition`` until it holds; fail at once if ``proc`` exits, or after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, "the sidecar exited"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+@contextlib.contextmanager
+def killed_on_exit(proc: subprocess.Popen[Any]) -> Iterator[None]:
+    """Never leave a child running when a test fails."""
+    try:
+        yield
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@contextlib.contextmanager
+def sidecar_process(
+    config: Path,
+    socket_path: Path | str,
+    *,
+    env: dict[str, str] | None = None,
+    stderr: Any = subprocess.DEVNULL,
+    text: bool = False,
+) -> Iterator[subprocess.Popen[Any]]:
+    """``kms-sidecar run --config CONFIG`` as a child; yields once its socket exists.
+
+    The child is killed if it is still running when the block ends, so a failing test never
+    leaves one behind.
+    """
+    with (
+        subprocess.Popen(
+            [sys.executable, "-m", "sidecar", "run", "--config", str(config)],
+            stderr=stderr,
+            env=env,
+            text=text,
+        ) as proc,
+        killed_on_exit(proc),
+    ):
+        wait_for(lambda: os.path.exists(socket_path), proc)
+        yield proc

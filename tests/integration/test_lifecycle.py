@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from sidecar.errors import ConfigError
 from sidecar.server.app import ROUTES, UNGUARDED, build_app
 from sidecar.server.listener import SocketInUse, unix_listener
 from sidecar.server.run import build_services
-from tests.conftest import request, sidecar_config
+from tests.conftest import killed_on_exit, request, sidecar_config, sidecar_process, wait_for
 from tests.integration.conftest import TOKEN_ENV, vault_sections
 
 
@@ -138,16 +137,8 @@ dir = "policies"
     )
     sock = str(short_tmp / "r.sock")
     datakey = "/v1/transit/datakey/plaintext/payments"
-    with (
-        subprocess.Popen(
-            [sys.executable, "-m", "sidecar", "run", "--config", str(config_file)],
-            stderr=subprocess.PIPE,
-            text=True,
-        ) as proc,
-        killed_on_exit(proc),
-    ):
+    with sidecar_process(config_file, sock, stderr=subprocess.PIPE, text=True) as proc:
         assert proc.stderr is not None
-        wait_for(lambda: os.path.exists(sock), proc)
         assert request(sock, "POST", datakey).status == 200
 
         (policies / "main.toml").write_text("[[allow]]\nname = 'broken'\nkeys = [\n")
@@ -166,24 +157,6 @@ dir = "policies"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
         assert not os.path.exists(sock)
-
-
-@contextlib.contextmanager
-def killed_on_exit(proc: subprocess.Popen[str]) -> Iterator[None]:
-    """Never leave a child running when a test fails."""
-    try:
-        yield
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-
-
-def wait_for(condition: Any, proc: subprocess.Popen[str], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert proc.poll() is None, "the sidecar exited"
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 def test_dev_command_prints_socket_and_serves(short_tmp: Path) -> None:

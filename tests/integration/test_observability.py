@@ -27,10 +27,16 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from sidecar.audit import verify
-from sidecar.cli import main
+from sidecar.cli import dev_policy, main
 from sidecar.devserver import DevOpenBao
-from tests.conftest import TOKEN_ENV, RunningSidecar, request, sidecar_config, vault_sections
-from tests.integration.test_lifecycle import killed_on_exit, wait_for
+from tests.conftest import (
+    TOKEN_ENV,
+    RunningSidecar,
+    request,
+    sidecar_config,
+    sidecar_process,
+    vault_sections,
+)
 
 HMAC_KEY = secrets.token_hex(32)
 DATAKEY = "/v1/transit/datakey/plaintext/payments"
@@ -261,9 +267,7 @@ def test_spans_reach_a_real_otlp_receiver(
     openbao: DevOpenBao, short_tmp: Path, otlp: OtlpReceiver
 ) -> None:
     (short_tmp / "policies").mkdir()
-    (short_tmp / "policies" / "dev.toml").write_text(
-        f'[[allow]]\nname = "me"\nwhen.unix_uid = [{os.getuid()}]\nkeys = ["*"]\noperations = ["*"]\n'
-    )
+    (short_tmp / "policies" / "dev.toml").write_text(dev_policy(os.getuid()))
     config = short_tmp / "sidecar.toml"
     sock = short_tmp / "t.sock"
     config.write_text(
@@ -272,14 +276,7 @@ def test_spans_reach_a_real_otlp_receiver(
         f'[telemetry]\nservice_name = "kms-test"\notlp_endpoint = "{otlp.endpoint}"\n'
     )
     trace_id = secrets.token_hex(16)
-    with (
-        subprocess.Popen(
-            [sys.executable, "-m", "sidecar", "run", "--config", str(config)],
-            stderr=subprocess.DEVNULL,
-        ) as proc,
-        killed_on_exit(proc),
-    ):
-        wait_for(lambda: sock.exists(), proc)
+    with sidecar_process(config, sock) as proc:
         answer = request(
             str(sock),
             "POST",

@@ -396,10 +396,8 @@ def test_sighup_reloads_tls_files_and_keeps_old_ones_if_broken(
     openbao: DevOpenBao, tls_files: TlsFiles
 ) -> None:
     import signal
-    import subprocess
-    import sys
 
-    from tests.integration.test_lifecycle import killed_on_exit, wait_for
+    from tests.conftest import sidecar_process, wait_for
 
     config = tls_files.dir / "sidecar.toml"
     (tls_files.dir / "policies").mkdir()
@@ -417,13 +415,7 @@ token_env = "{TOKEN_ENV}"
 [keys.payments]
 """
     )
-    with (
-        subprocess.Popen(
-            [sys.executable, "-m", "sidecar", "run", "--config", str(config)],
-            stderr=subprocess.DEVNULL,
-        ) as proc,
-        killed_on_exit(proc),
-    ):
+    with sidecar_process(config, tls_files.dir / "t.sock") as proc:
         wait_for(lambda: _listening(tls_files.port), proc)
         first = _served_serial(tls_files)
         ca = x509.load_pem_x509_certificate(tls_files.ca_cert.read_bytes())
@@ -454,10 +446,8 @@ def test_sighup_withdraws_a_jwt_signing_key(
 ) -> None:
     """A signing key removed from the JWKS file stops verifying after SIGHUP, without a restart."""
     import signal
-    import subprocess
-    import sys
 
-    from tests.integration.test_lifecycle import killed_on_exit, wait_for
+    from tests.conftest import sidecar_process, wait_for
     from tests.security.test_jwt import jwks
 
     jwks_file = short_tmp / "jwks.json"
@@ -472,14 +462,7 @@ def test_sighup_withdraws_a_jwt_signing_key(
         f'[backend.vault]\naddresses = ["{openbao.address}"]\ntoken_env = "{TOKEN_ENV}"\n[keys.payments]\n'
     )
     body = {"encryption_context": {"tenant": "acme"}}
-    with (
-        subprocess.Popen(
-            [sys.executable, "-m", "sidecar", "run", "--config", str(config)],
-            stderr=subprocess.DEVNULL,
-        ) as proc,
-        killed_on_exit(proc),
-    ):
-        wait_for(lambda: sock.exists(), proc)
+    with sidecar_process(config, sock) as proc:
 
         def status() -> int:
             bearer = {"Authorization": f"Bearer {token(keys.rsa_key, tenant='acme')}"}

@@ -7,10 +7,9 @@ sends, so handing a blob's wrapped KEK back as a ``vault:`` ciphertext must fail
 
 from __future__ import annotations
 
-import base64
-import struct
 from typing import Any
 
+from sidecar.keys import envelope
 from tests.conftest import RunningSidecar, openbao
 from tests.integration.conftest import sidecar
 
@@ -18,10 +17,8 @@ __all__ = ["openbao", "sidecar"]
 
 
 def wrapped_kek_of(blob: str) -> str:
-    raw = base64.b64decode(blob.split(":", 2)[2])
-    pos = 3 + raw[2] + 4 + 16
-    (length,) = struct.unpack_from(">H", raw, pos)
-    return raw[pos + 2 : pos + 2 + length].decode()
+    """The upstream-wrapped KEK in a blob's header (a ``vault:vN:`` transit ciphertext)."""
+    return envelope.parse(blob).header.wrapped_kek.decode()
 
 
 def test_a_blobs_wrapped_kek_cannot_be_decrypted_through_the_passthrough(

@@ -15,7 +15,6 @@ import json
 import os
 import secrets
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -26,10 +25,11 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from sidecar.cli import dev_policy
 from sidecar.devserver import DevOpenBao
-from tests.conftest import TOKEN_ENV, openbao, request
+from sidecar.keys import envelope
+from tests.conftest import TOKEN_ENV, openbao, request, sidecar_process
 from tests.integration.softhsm import SOFTHSM_MODULE, SoftHsm, softhsm_missing
-from tests.integration.test_lifecycle import killed_on_exit, wait_for
 from tests.integration.test_observability import OtlpReceiver, otlp
 
 __all__ = ["openbao", "otlp"]
@@ -49,11 +49,8 @@ def forms(secret: bytes) -> list[bytes]:
 
 
 def wrapped_kek_of(blob: str) -> str:
-    raw = base64.b64decode(blob.split(":", 2)[2])
-    name_len = raw[2]
-    pos = 3 + name_len + 4 + 16
-    (length,) = struct.unpack_from(">H", raw, pos)
-    return raw[pos + 2 : pos + 2 + length].decode()
+    """The upstream-wrapped KEK in a blob's header (a ``vault:vN:`` transit ciphertext)."""
+    return envelope.parse(blob).header.wrapped_kek.decode()
 
 
 def test_no_secret_reaches_any_output(
@@ -110,14 +107,8 @@ log_level = "DEBUG"
     log_path = short_tmp / "sidecar.log"
     with (
         open(log_path, "wb") as log_file,
-        subprocess.Popen(
-            [sys.executable, "-m", "sidecar", "run", "--config", str(short_tmp / "sidecar.toml")],
-            stderr=log_file,
-            env=env,
-        ) as proc,
-        killed_on_exit(proc),
+        sidecar_process(short_tmp / "sidecar.toml", sock, env=env, stderr=log_file) as proc,
     ):
-        wait_for(lambda: sock.exists(), proc)
 
         def call(
             method: str, path: str, body: object = None, headers: dict[str, str] | None = None
@@ -224,9 +215,7 @@ def test_the_hsm_pin_reaches_no_output(short_tmp: Path) -> None:
     hsm = SoftHsm.create(short_tmp / "hsm", labels=("kms",))
     wrong_pin = secrets.token_hex(8)
     (short_tmp / "policies").mkdir()
-    (short_tmp / "policies" / "p.toml").write_text(
-        f'[[allow]]\nname = "me"\nwhen.unix_uid = [{os.getuid()}]\nkeys = ["*"]\noperations = ["*"]\n'
-    )
+    (short_tmp / "policies" / "p.toml").write_text(dev_policy(os.getuid()))
     sock = short_tmp / "h.sock"
     config = short_tmp / "sidecar.toml"
     config.write_text(
@@ -262,14 +251,8 @@ log_level = "DEBUG"
         log_path = short_tmp / f"{label}.log"
         with (
             open(log_path, "wb") as log_file,
-            subprocess.Popen(
-                [sys.executable, "-m", "sidecar", "run", "--config", str(config)],
-                stderr=log_file,
-                env={**env, "KMS_HSM_PIN": pin},
-            ) as proc,
-            killed_on_exit(proc),
+            sidecar_process(config, sock, env={**env, "KMS_HSM_PIN": pin}, stderr=log_file) as proc,
         ):
-            wait_for(lambda: sock.exists(), proc)
             made = request(str(sock), "POST", "/v1/transit/datakey/plaintext/payments")
             outputs[f"{label} datakey"] = made.raw if label == "wrong" else b""
             if label == "right":
