@@ -1,7 +1,7 @@
-"""Policy files (``policies/*.toml``) → a :class:`~sidecar.policy.engine.PolicySet`.
+"""Policy files (``policies/*.toml``) → a :class:`~sidecar.policy.policy_set.PolicySet`.
 
 Every ``*.toml`` file directly in the directory is read, in name order; each holds ``[[allow]]``
-and ``[[deny]]`` rules (see :mod:`sidecar.policy.engine`). Any problem raises
+and ``[[deny]]`` rules (see :mod:`sidecar.policy.rules`). Any problem raises
 :class:`~sidecar.errors.ConfigError` as ``FILE:LINE: reason`` so start-up stops (or a SIGHUP
 reload keeps the old set) with a message an operator can act on. An empty directory gives an
 empty set, which denies everything; ``len(policy_set) == 0`` tells.
@@ -16,7 +16,9 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from sidecar.errors import ConfigError
-from sidecar.policy.engine import PolicySet, Rule, RuleError, compile_rule
+from sidecar.policy.policy_set import PolicySet
+from sidecar.policy.rules import Rule, compile_rule
+from sidecar.policy.vocabulary import RuleError
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -1,0 +1,34 @@
+"""What a policy check answers: one immutable :class:`Decision`, and the one refusal callers see."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sidecar.errors import PermissionDenied
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The outcome of one policy check.
+
+    ``rule`` names the rule that decided (``None`` when nothing matched: deny by default).
+    ``reason`` is for the audit log and operators, not for callers. ``retry_after`` (seconds) is
+    set when the deciding rule's rate was exceeded; ``max_ttl`` (seconds) when the only thing
+    keeping an allow rule from matching was a too-long or missing ttl.
+    """
+
+    allowed: bool
+    rule: str | None
+    reason: str
+    retry_after: float | None = None
+    max_ttl: float | None = None
+
+
+def permission_denied(operation: str, key: str | None) -> PermissionDenied:
+    """The one denial callers see, whether the key is forbidden or does not exist."""
+    if key is None:
+        return PermissionDenied(f"Permission denied: this caller may not use {operation!r}.")
+    return PermissionDenied(
+        f"Permission denied: this caller may not {operation} with key {key!r}, "
+        "or no such key exists."
+    )
