@@ -29,10 +29,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from sidecar.config import TelemetryConfig
+from sidecar.keys.status import KEY_STATES, KeyringStatus
+from sidecar.tracing import tracer as tracer  # re-exported: the server starts spans on it
 
 log = logging.getLogger(__name__)
-
-tracer = trace.get_tracer("kms-sidecar")
 
 #: The request id of the request being handled, for log lines.
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
@@ -155,13 +155,14 @@ class _StateCollector(Collector):
 
     def collect(self) -> Iterator[Any]:
         state = self._sources()
-        cache = state["keyring"]["kek_cache"]
+        keyring: KeyringStatus = state["keyring"]
+        cache = keyring.kek_cache
         hits = CounterMetricFamily("kms_kek_cache_hits", "KEK cache hits when opening blobs.")
-        hits.add_metric([], cache["hits"])
+        hits.add_metric([], cache.hits)
         misses = CounterMetricFamily("kms_kek_cache_misses", "KEK cache misses (backend unwraps).")
-        misses.add_metric([], cache["misses"])
+        misses.add_metric([], cache.misses)
         size = GaugeMetricFamily("kms_kek_cache_size", "Unwrapped KEKs held in memory.")
-        size.add_metric([], cache["size"])
+        size.add_metric([], cache.size)
         rotations = CounterMetricFamily(
             "kms_kek_rotations", "Live KEKs replaced, by key.", labels=["key"]
         )
@@ -173,11 +174,11 @@ class _StateCollector(Collector):
             "1 for the key's current state (ok, degraded, unavailable).",
             labels=["key", "state"],
         )
-        for name, key in state["keyring"]["keys"].items():
-            rotations.add_metric([name], key["kek_rotations"])
-            uses.add_metric([name], (key["live_kek"] or {}).get("uses", 0))
-            for value in ("ok", "degraded", "unavailable"):
-                key_state.add_metric([name, value], 1 if key["state"] == value else 0)
+        for name, key in keyring.keys.items():
+            rotations.add_metric([name], key.kek_rotations)
+            uses.add_metric([name], 0 if key.live_kek is None else key.live_kek.uses)
+            for value in KEY_STATES:
+                key_state.add_metric([name, value], 1 if key.state == value else 0)
         yield from (hits, misses, size, rotations, uses, key_state)
 
         backend = state["backend"]

@@ -104,8 +104,8 @@ class Header:
 
 
 @dataclass(frozen=True, slots=True)
-class Sealed:
-    """A parsed blob, not yet opened."""
+class ParsedBlob:
+    """A blob split into its parts and checked for shape, not yet opened."""
 
     header: Header
     header_bytes: bytes = field(repr=False)
@@ -113,7 +113,7 @@ class Sealed:
     ciphertext: bytes = field(repr=False)
 
 
-def parse(blob: str) -> Sealed:
+def parse(blob: str) -> ParsedBlob:
     """Split a blob into its parts, checking only its shape. Raises ``DecryptionFailed``."""
     if not isinstance(blob, str) or not blob.startswith(PREFIX):
         raise DecryptionFailed("not a sidecar blob")
@@ -132,7 +132,7 @@ def parse(blob: str) -> Sealed:
     return sealed
 
 
-def _parse_binary(raw: bytes) -> Sealed:
+def _parse_binary(raw: bytes) -> ParsedBlob:
     if raw[0] != FORMAT_VERSION:
         raise ValueError("unknown format version")
     flags, name_len = raw[1], raw[2]
@@ -156,7 +156,7 @@ def _parse_binary(raw: bytes) -> Sealed:
     if root_version == 0 or wrapped_len == 0 or len(raw) < pos + NONCE_BYTES + TAG_BYTES:
         raise ValueError("truncated")
     header = Header(key_name, root_version, kek_id, wrapped, expires_at)
-    return Sealed(header, raw[:pos], raw[pos : pos + NONCE_BYTES], raw[pos + NONCE_BYTES :])
+    return ParsedBlob(header, raw[:pos], raw[pos : pos + NONCE_BYTES], raw[pos + NONCE_BYTES :])
 
 
 def _aad(header_bytes: bytes, context: bytes, associated_data: bytes) -> bytes:
@@ -210,7 +210,7 @@ class KekCipher:
         body = base64.b64encode(header_bytes + nonce + sealed).decode()
         return f"{PREFIX}v{root_version}:{body}"
 
-    def open(self, sealed: Sealed, *, context: bytes, associated_data: bytes) -> bytes:
+    def open(self, sealed: ParsedBlob, *, context: bytes, associated_data: bytes) -> bytes:
         """The plaintext in ``sealed``. Raises ``DecryptionFailed``."""
         try:
             return self._aead.decrypt(

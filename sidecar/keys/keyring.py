@@ -1,10 +1,10 @@
-"""KEKs per key: made, cached, rotated and used to seal and open blobs.
+"""The :class:`Keyring`: issues data keys, seals, opens and rewraps blobs for each key.
 
-One *live* KEK per key seals new blobs. It is replaced when it is older than ``kek_ttl``, has
-sealed ``kek_max_uses`` blobs, or the root key gained a newer version. The next KEK is fetched in
-the background shortly before that, so a rotation never stalls a request. KEKs needed to open
-blobs are unwrapped by the backend once — concurrent requests share one call (single-flight) —
-and kept in a bounded LRU.
+One *live* KEK per key seals new blobs; when it must be replaced and when it may still be used
+are :mod:`sidecar.keys.kek_policy`'s rules. KEKs needed to open blobs are unwrapped by the
+backend once — concurrent requests share one call — and kept in :mod:`sidecar.keys.kek_cache`.
+``vault:`` ciphertexts go to the upstream (:mod:`sidecar.keys.passthrough`). :meth:`Keyring.status`
+reports :mod:`sidecar.keys.status` objects.
 
 While the backend is unreachable, a live KEK keeps sealing for ``upstream_grace`` past its normal
 end, and cached KEKs keep opening blobs for as long; requests that truly need the backend get
@@ -17,15 +17,14 @@ import asyncio
 import logging
 import os
 import time
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Hashable, Mapping
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple, TypeVar
+from dataclasses import dataclass
+from typing import Any, Final, NamedTuple
 
 from opentelemetry.trace import SpanKind
 
-from sidecar.backends.base import RootKeyBackend, RootKeyInfo, UpstreamCiphertexts
+from sidecar.backends.base import RootKeyBackend, RootKeyInfo
 from sidecar.config import KeyConfig
 from sidecar.errors import (
     DecryptionFailed,
@@ -34,56 +33,28 @@ from sidecar.errors import (
     SidecarError,
     UpstreamUnavailable,
 )
-from sidecar.keys import envelope
-from sidecar.telemetry import tracer
+from sidecar.keys import envelope, kek_policy, passthrough
+from sidecar.keys.kek_cache import Kek, KekCache, SingleFlight
+from sidecar.keys.status import (
+    KekCacheStatus,
+    KeyringStatus,
+    KeyState,
+    KeyStatus,
+    LiveKekStatus,
+)
+from sidecar.tracing import tracer
 
 log = logging.getLogger(__name__)
 
-#: The successor of a live KEK is fetched in the background once the live one has this share of
-#: its uses left (at least one use), or this share of its lifetime (at most a minute): late
-#: enough that a run within the budget costs no extra upstream call, early enough to hide the
-#: fetch.
-PREFETCH_REMAINING = 0.01
-PREFETCH_LEAD_MAX_SECONDS = 60.0
-#: A KEK never seals more than this many blobs, grace or not (random 96-bit nonces stay safe).
-HARD_MAX_USES = 1 << 31
-DEK_BITS = (128, 256, 512)
-
-_T = TypeVar("_T")
-
-
-@dataclass(slots=True)
-class _Kek:
-    """A KEK in sidecar memory."""
-
-    key_name: str
-    kek_id: bytes
-    cipher: envelope.KekCipher
-    wrapped: bytes = field(repr=False)
-    root_version: int
-    created_at: float
-    uses: int = 0
-    #: When (Unix seconds) and after how many uses its successor is fetched; set when it goes live.
-    prefetch_at: float = float("inf")
-    prefetch_uses: int = 1 << 62
-    #: The header of every blob this KEK seals without an expiry, encoded once.
-    header_bytes: bytes = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        self.header_bytes = self.header(None).encode()
-
-    def header(self, expires_at: int | None) -> envelope.Header:
-        return envelope.Header(
-            self.key_name, self.root_version, self.kek_id, self.wrapped, expires_at
-        )
-
+DEK_BITS: Final = (128, 256, 512)
 
 # Results are NamedTuples: immutable like frozen dataclasses, and several times cheaper to make,
 # which counts when a batch makes hundreds per request.
 
 
-class DataKey(NamedTuple):
-    """A new data key: ``plaintext`` for the caller's use, ``blob`` to store beside the data."""
+class NewDataKey(NamedTuple):
+    """A data key just issued: ``plaintext`` for the caller's use, ``blob`` to store beside the
+    data."""
 
     plaintext: bytes
     blob: str
@@ -92,7 +63,7 @@ class DataKey(NamedTuple):
     kek_id: bytes
 
     def __repr__(self) -> str:
-        return f"DataKey(plaintext=<redacted>, blob={self.blob!r}, version={self.root_version})"
+        return f"NewDataKey(plaintext=<redacted>, blob={self.blob!r}, version={self.root_version})"
 
 
 class Opened(NamedTuple):
@@ -106,8 +77,8 @@ class Opened(NamedTuple):
         return f"Opened(plaintext=<redacted>, root_version={self.root_version})"
 
 
-class Sealed(NamedTuple):
-    """A blob made by ``encrypt`` or ``rewrap``."""
+class SealedBlob(NamedTuple):
+    """A blob just made by ``encrypt`` or ``rewrap``, with the root version and KEK sealing it."""
 
     blob: str
     root_version: int
@@ -119,8 +90,8 @@ class Sealed(NamedTuple):
 class _KeyState:
     config: KeyConfig
     root_key: str
-    live: _Kek | None = None
-    next: _Kek | None = None
+    live: Kek | None = None
+    next: Kek | None = None
     latest_version: int = 0
     min_decryption_version: int = 1
     info: RootKeyInfo | None = None
@@ -148,13 +119,10 @@ class Keyring:
     ) -> None:
         self.backend = backend
         self._keys = {name: _KeyState(cfg, root) for name, (cfg, root) in keys.items()}
-        self._cache: OrderedDict[bytes, _Kek] = OrderedDict()
-        self._cache_size = cache_size
-        self._inflight: dict[Hashable, asyncio.Future[Any]] = {}
+        self._cache = KekCache(cache_size)
+        self._flights = SingleFlight()
         self._now = now
         self._random = random
-        self.cache_hits = 0
-        self.cache_misses = 0
 
     # -- public operations ------------------------------------------------------------------
 
@@ -172,7 +140,7 @@ class Keyring:
         context: Mapping[str, str] | None = None,
         associated_data: bytes = b"",
         ttl: float | None = None,
-    ) -> DataKey:
+    ) -> NewDataKey:
         """A fresh DEK of ``bits`` and its blob. ``ttl`` (seconds) bounds when it can be opened."""
         if bits not in DEK_BITS:
             raise InvalidRequest("bits must be 128, 256 or 512.")
@@ -184,7 +152,7 @@ class Keyring:
         random = self._random(size + envelope.NONCE_BYTES)  # one call: the DEK and its nonce
         plaintext = random[:size]
         blob = self._seal(kek, plaintext, canonical, associated_data, expires_at, random[size:])
-        return DataKey(plaintext, blob, kek.root_version, expires_at, kek.kek_id)
+        return NewDataKey(plaintext, blob, kek.root_version, expires_at, kek.kek_id)
 
     async def encrypt(
         self,
@@ -194,7 +162,7 @@ class Keyring:
         context: Mapping[str, str] | None = None,
         associated_data: bytes = b"",
         ttl: float | None = None,
-    ) -> Sealed:
+    ) -> SealedBlob:
         """Seal ``plaintext`` into a blob under the live KEK of ``key_name``."""
         state = self._state(key_name)
         canonical = envelope.canonical_context(context)
@@ -235,12 +203,10 @@ class Keyring:
     ) -> Opened:
         """:meth:`decrypt`, also telling which root version and KEK sealed the blob."""
         state = self._state(key_name)
-        if blob.startswith("vault:"):
+        if passthrough.is_upstream_ciphertext(blob):
             with self._span("decrypt_ciphertext", state):
-                plaintext = await self._upstream(state).decrypt_ciphertext(
-                    state.root_key, blob, None
-                )
-            return Opened(plaintext, _vault_version(blob), None)
+                plaintext, version = await passthrough.decrypt(self.backend, state.root_key, blob)
+            return Opened(plaintext, version, None)
         plaintext, header = await self._open_local(
             key_name, state, blob, envelope.canonical_context(context), associated_data
         )
@@ -253,12 +219,13 @@ class Keyring:
         *,
         context: Mapping[str, str] | None = None,
         associated_data: bytes = b"",
-    ) -> Sealed:
+    ) -> SealedBlob:
         """``blob`` sealed again under the live KEK and newest root version; expiry kept."""
         state = self._state(key_name)
-        if blob.startswith("vault:"):
-            rewrapped = await self._upstream(state).rewrap_ciphertext(state.root_key, blob, None)
-            return Sealed(rewrapped, _vault_version(rewrapped), None)
+        if passthrough.is_upstream_ciphertext(blob):
+            with self._span("rewrap_ciphertext", state):
+                rewrapped, version = await passthrough.rewrap(self.backend, state.root_key, blob)
+            return SealedBlob(rewrapped, version, None)
         canonical = envelope.canonical_context(context)
         plaintext, header = await self._open_local(
             key_name, state, blob, canonical, associated_data
@@ -298,9 +265,7 @@ class Keyring:
                 if kek is not None:
                     dropped.add(kek.kek_id)
             state.live = state.next = None
-            for kek_id in [k for k, v in self._cache.items() if v.key_name == name]:
-                del self._cache[kek_id]
-                dropped.add(kek_id)
+            dropped |= self._cache.drop(name)
         return len(dropped)
 
     async def refresh(self, key_name: str) -> None:
@@ -325,41 +290,37 @@ class Keyring:
             await asyncio.sleep(interval)
             await self.refresh(key_name)
 
-    def status(self) -> dict[str, Any]:
-        """KEK ids, ages and uses per key; never key bytes."""
+    def status(self) -> KeyringStatus:
+        """KEK ids, ages and uses per key, and the KEK cache's figures; never key bytes."""
         now = self._now()
-        keys: dict[str, Any] = {}
+        keys: dict[str, KeyStatus] = {}
         for name, state in self._keys.items():
             live = state.live
-            keys[name] = {
-                "root_key": state.root_key,
-                "state": self.key_state(name),
-                "latest_version": state.latest_version or None,
-                "min_decryption_version": state.min_decryption_version,
-                "kek_rotations": state.kek_rotations,
-                "cached_keks": sum(1 for k in self._cache.values() if k.key_name == name),
-                "live_kek": None
+            keys[name] = KeyStatus(
+                root_key=state.root_key,
+                state=self.key_state(name),
+                latest_version=state.latest_version or None,
+                min_decryption_version=state.min_decryption_version,
+                kek_rotations=state.kek_rotations,
+                cached_keks=self._cache.count(name),
+                live_kek=None
                 if live is None
-                else {
-                    "kek_id": live.kek_id.hex(),
-                    "root_version": live.root_version,
-                    "age_seconds": round(now - live.created_at, 3),
-                    "uses": live.uses,
-                    "max_uses": state.config.kek_max_uses,
-                    "ttl_seconds": state.config.kek_ttl,
-                },
-            }
-        return {
-            "keys": keys,
-            "kek_cache": {
-                "size": len(self._cache),
-                "capacity": self._cache_size,
-                "hits": self.cache_hits,
-                "misses": self.cache_misses,
-            },
-        }
+                else LiveKekStatus(
+                    kek_id=live.kek_id.hex(),
+                    root_version=live.root_version,
+                    age_seconds=round(now - live.created_at, 3),
+                    uses=live.uses,
+                    max_uses=state.config.kek_max_uses,
+                    ttl_seconds=state.config.kek_ttl,
+                ),
+            )
+        cache = self._cache
+        return KeyringStatus(
+            keys=keys,
+            kek_cache=KekCacheStatus(len(cache), cache.capacity, cache.hits, cache.misses),
+        )
 
-    def key_state(self, key_name: str) -> str:
+    def key_state(self, key_name: str) -> KeyState:
         """``ok``, ``degraded`` (serving from a KEK past its end, in grace) or ``unavailable``."""
         state = self._state(key_name)
         live = state.live
@@ -385,14 +346,9 @@ class Keyring:
             raise PermissionDenied()
         return state
 
-    def _upstream(self, state: _KeyState) -> UpstreamCiphertexts:
-        if not isinstance(self.backend, UpstreamCiphertexts):
-            raise InvalidRequest(f"The {self.backend.kind} backend has no vault: ciphertexts.")
-        return self.backend
-
     def _seal(
         self,
-        kek: _Kek,
+        kek: Kek,
         plaintext: bytes,
         context: bytes,
         associated_data: bytes,
@@ -428,14 +384,16 @@ class Keyring:
         context: bytes,
         associated_data: bytes,
         expires_at: int | None,
-    ) -> Sealed:
+    ) -> SealedBlob:
         """``plaintext`` sealed under the live KEK (rotated first if it must be)."""
         kek = self._live_kek_now(state) or await self._rotate_live_kek(key_name, state)
         nonce = self._random(envelope.NONCE_BYTES)
         blob = self._seal(kek, plaintext, context, associated_data, expires_at, nonce)
-        return Sealed(blob, kek.root_version, kek.kek_id, expires_at)
+        return SealedBlob(blob, kek.root_version, kek.kek_id, expires_at)
 
-    def _check(self, key_name: str, state: _KeyState, sealed: envelope.Sealed) -> envelope.Sealed:
+    def _check(
+        self, key_name: str, state: _KeyState, sealed: envelope.ParsedBlob
+    ) -> envelope.ParsedBlob:
         header = sealed.header
         if header.key_name != key_name:
             raise DecryptionFailed("blob belongs to another key")
@@ -448,57 +406,45 @@ class Keyring:
             raise DecryptionFailed("root version below min_decryption_version")
         return sealed
 
-    def _fresh(self, state: _KeyState, kek: _Kek) -> bool:
-        cfg = state.config
-        return (
-            self._now() - kek.created_at < cfg.kek_ttl
-            and kek.uses < cfg.kek_max_uses
-            and kek.root_version >= state.latest_version
+    def _fresh(self, state: _KeyState, kek: Kek) -> bool:
+        return kek_policy.is_fresh(kek, state.config, state.latest_version, self._now())
+
+    def _in_grace(self, state: _KeyState, kek: Kek) -> bool:
+        return kek_policy.in_grace(
+            kek,
+            state.config,
+            min_decryption_version=state.min_decryption_version,
+            outage_since=state.outage_since if kek is state.live else None,
+            now=self._now(),
         )
 
-    def _in_grace(self, state: _KeyState, kek: _Kek) -> bool:
-        """May ``kek`` still be used while the backend is down?
-
-        Up to ``upstream_grace`` past the end of its life: its TTL, or — for the live KEK — the
-        moment it was first due for replacement (its uses ran out) and could not be replaced.
-        """
-        cfg = state.config
-        end = kek.created_at + cfg.kek_ttl
-        if kek is state.live and state.outage_since is not None:
-            end = min(end, state.outage_since)
-        return (
-            self._now() < end + cfg.upstream_grace
-            and kek.uses < HARD_MAX_USES
-            and kek.root_version >= state.min_decryption_version
-        )
-
-    def _live_kek_now(self, state: _KeyState) -> _Kek | None:
+    def _live_kek_now(self, state: _KeyState) -> Kek | None:
         """The live KEK if it may seal without waiting; starts the prefetch when it is due."""
         kek = state.live
         if kek is None or not self._fresh(state, kek):
             return None
         if (
-            (kek.uses >= kek.prefetch_uses or self._now() >= kek.prefetch_at)
+            kek_policy.prefetch_due(kek, self._now())
             and state.next is None
-            and ("next", kek.key_name) not in self._inflight
+            and ("next", kek.key_name) not in self._flights
         ):
             self._prefetch(kek.key_name, state)
         return kek
 
     def _prefetch(self, key_name: str, state: _KeyState) -> None:
-        async def fetch_next() -> _Kek:
+        async def fetch_next() -> Kek:
             state.next = await self._fetch_kek(key_name, state)
             return state.next
 
-        future = self._single_flight(("next", key_name), fetch_next)
+        future = self._flights.run(("next", key_name), fetch_next)
         future.add_done_callback(lambda f: f.cancelled() or f.exception())
 
-    async def _rotate_live_kek(self, key_name: str, state: _KeyState) -> _Kek:
+    async def _rotate_live_kek(self, key_name: str, state: _KeyState) -> Kek:
         """A KEK that may seal now: the prefetched one, a new one, or in an outage the old one."""
         new = state.next
         if new is None or new.root_version < state.latest_version:
             try:
-                new = await self._single_flight(
+                new = await self._flights.run(
                     ("next", key_name), lambda: self._fetch_kek(key_name, state)
                 )
             except UpstreamUnavailable:
@@ -514,18 +460,14 @@ class Keyring:
         state.outage_since = None
         if state.live is not None:
             state.kek_rotations += 1
-        cfg = state.config
-        new.created_at = self._now()
-        lead = min(PREFETCH_LEAD_MAX_SECONDS, cfg.kek_ttl * PREFETCH_REMAINING * 10)
-        new.prefetch_at = new.created_at + cfg.kek_ttl - lead
-        new.prefetch_uses = cfg.kek_max_uses - max(1, int(cfg.kek_max_uses * PREFETCH_REMAINING))
+        kek_policy.go_live(new, state.config, self._now())
         state.live = new
         log.info(
             "key %s: new KEK %s (root version %d)", key_name, new.kek_id.hex(), new.root_version
         )
         return new
 
-    async def _fetch_kek(self, key_name: str, state: _KeyState) -> _Kek:
+    async def _fetch_kek(self, key_name: str, state: _KeyState) -> Kek:
         try:
             with self._span("generate_kek", state):
                 made = await self.backend.generate_kek(state.root_key)
@@ -533,7 +475,7 @@ class Keyring:
             state.last_upstream_error = exc.code
             raise
         state.last_upstream_error = None
-        kek = _Kek(
+        kek = Kek(
             key_name=key_name,
             kek_id=envelope.kek_id_for(key_name, made.wrapped),
             cipher=envelope.KekCipher(made.plaintext),
@@ -542,39 +484,33 @@ class Keyring:
             created_at=self._now(),
         )
         state.latest_version = max(state.latest_version, made.root_version)
-        self._remember(kek)
+        self._cache.put(kek)
         return kek
 
-    async def _kek_for(self, state: _KeyState, header: envelope.Header) -> _Kek:
-        cached = self._cache.get(header.kek_id)
-        if cached is not None and cached.wrapped == header.wrapped_kek:
+    async def _kek_for(self, state: _KeyState, header: envelope.Header) -> Kek:
+        cached = self._cache.get(header.kek_id, header.wrapped_kek)
+        if cached is not None:
             age = self._now() - cached.created_at
             if age < state.config.kek_ttl or cached is state.live or cached is state.next:
-                self._cache.move_to_end(header.kek_id)
-                self.cache_hits += 1
-                return cached
-        self.cache_misses += 1
+                return self._cache.hit(cached)
+        self._cache.miss()
         try:
-            return await self._single_flight(
+            return await self._flights.run(
                 ("unwrap", header.kek_id), lambda: self._unwrap(state, header)
             )
         except UpstreamUnavailable:
-            if (
-                cached is not None
-                and cached.wrapped == header.wrapped_kek
-                and self._in_grace(state, cached)
-            ):
+            if cached is not None and self._in_grace(state, cached):
                 return cached
             raise
 
-    async def _unwrap(self, state: _KeyState, header: envelope.Header) -> _Kek:
+    async def _unwrap(self, state: _KeyState, header: envelope.Header) -> Kek:
         with self._span("unwrap_kek", state):
             plaintext = await self.backend.unwrap_kek(state.root_key, header.wrapped_kek)
         try:
             cipher = envelope.KekCipher(plaintext)
         except ValueError:
             raise DecryptionFailed("backend returned a KEK of the wrong size") from None
-        kek = _Kek(
+        kek = Kek(
             key_name=header.key_name,
             kek_id=header.kek_id,
             cipher=cipher,
@@ -582,14 +518,8 @@ class Keyring:
             root_version=header.root_version,
             created_at=self._now(),
         )
-        self._remember(kek)
+        self._cache.put(kek)
         return kek
-
-    def _remember(self, kek: _Kek) -> None:
-        self._cache[kek.kek_id] = kek
-        self._cache.move_to_end(kek.kek_id)
-        while len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
 
     def _apply_info(self, key_name: str, state: _KeyState, info: RootKeyInfo) -> None:
         state.info = info
@@ -598,28 +528,6 @@ class Keyring:
         state.latest_version = max(state.latest_version, info.latest_version)
         if info.min_decryption_version != state.min_decryption_version:
             state.min_decryption_version = info.min_decryption_version
-            for kek_id in [
-                k
-                for k, v in self._cache.items()
-                if v.key_name == key_name and v.root_version < info.min_decryption_version
-            ]:
-                del self._cache[kek_id]
+            self._cache.drop(key_name, below_version=info.min_decryption_version)
             if state.live is not None and state.live.root_version < info.min_decryption_version:
                 state.live = None
-
-    def _single_flight(
-        self, flight: Hashable, start: Callable[[], Awaitable[_T]]
-    ) -> asyncio.Future[_T]:
-        """One running call per ``flight``; every concurrent caller shares its result."""
-        future = self._inflight.get(flight)
-        if future is None:
-            future = asyncio.ensure_future(start())
-            self._inflight[flight] = future
-            future.add_done_callback(lambda _: self._inflight.pop(flight, None))
-        return asyncio.shield(future)
-
-
-def _vault_version(ciphertext: str) -> int:
-    """N in ``vault:vN:…`` (0 when the prefix is malformed; upstream refuses those anyway)."""
-    version = ciphertext.split(":", 2)[1] if ciphertext.count(":") >= 2 else ""
-    return int(version[1:]) if version[:1] == "v" and version[1:].isdigit() else 0

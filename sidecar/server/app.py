@@ -167,7 +167,7 @@ def _key_metadata(call: Call, info: Any) -> dict[str, Any]:
         "deletion_allowed": bool(info.extra.get("deletion_allowed", False)),
         "backend": keyring.backend.kind,
         "root_key": info.name,
-        "kek": keyring.status()["keys"][call.key],
+        "kek": keyring.status().as_json()["keys"][call.key],
     }
 
 
@@ -183,7 +183,7 @@ async def _status(request: web.Request) -> web.Response:
     body = {
         "version": _version(),
         "backend": dict(services.keyring.backend.status()),
-        **services.keyring.status(),
+        **services.keyring.status().as_json(),
         "audit": None
         if audit is None
         else {

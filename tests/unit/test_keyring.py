@@ -78,7 +78,7 @@ async def test_kek_rotates_by_uses_with_one_prefetch(backend: MemoryBackend, clo
     after = await keyring.generate_data_key("payments")
     assert after.kek_id != first[0].kek_id
     assert backend.calls["generate_kek"] == 2, "the rotation itself waited for nothing"
-    assert keyring.status()["keys"]["payments"]["kek_rotations"] == 1
+    assert keyring.status().keys["payments"].kek_rotations == 1
 
 
 async def test_no_prefetch_far_from_the_end_of_a_kek(backend: MemoryBackend, clock: Clock) -> None:
@@ -197,7 +197,7 @@ async def test_raised_min_decryption_version_refuses_old_blobs(
     await backend.rotate("payments")
     backend.set_min_decryption_version("payments", 2)
     await keyring.refresh("payments")
-    assert keyring.status()["keys"]["payments"]["cached_keks"] == 0
+    assert keyring.status().keys["payments"].cached_keks == 0
     with pytest.raises(DecryptionFailed):
         await keyring.decrypt("payments", old.blob)
     assert (await keyring.generate_data_key("payments")).root_version == 2
@@ -236,3 +236,18 @@ async def test_grace_of_a_used_up_kek_starts_when_it_ran_out(
     clock.now += 2
     with pytest.raises(UpstreamUnavailable):
         await keyring.generate_data_key("payments")
+
+
+def test_importing_the_keyring_loads_no_metrics_or_tracing_sdk() -> None:
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, sidecar.keys.keyring; "
+        "print(sorted(m for m in sys.modules "
+        "if m.startswith(('prometheus_client', 'opentelemetry.sdk', 'sidecar.telemetry'))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "[]"
