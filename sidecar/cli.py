@@ -6,12 +6,13 @@ import argparse
 import logging
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 
 from sidecar import __version__
 from sidecar.config import CONFIG_ENV, Config, load_config
+from sidecar.devmode import dev_policy
+
+__all__ = ["build_parser", "dev_policy", "main"]
 from sidecar.errors import ConfigError, SidecarError
 
 log = logging.getLogger("sidecar")
@@ -35,23 +36,38 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    """Validate the file and build every component from it, without connecting anywhere."""
-    import asyncio
+    """Validate the file; check the policy files when the directory is here; connect nowhere.
 
-    from sidecar.backends import open_backend
+    Files, directories and variables the configuration names are listed when missing on this
+    host (the file may be meant for another one); ``--strict`` makes a missing one an error.
+    """
+    from sidecar.audit.record import load_hmac_key
+    from sidecar.config_report import references
     from sidecar.policy import load_policies
-    from sidecar.server.run import build_services
 
     config = _config_from(args)
-    backend = open_backend(config)
-    try:
-        build_services(config, backend)
-    finally:
-        asyncio.run(backend.close())
-    rules = len(load_policies(config.resolve_path(config.policies.dir)))
+    found = references(config)
+    policies_dir = config.resolve_path(config.policies.dir)
+    if os.path.isdir(policies_dir):
+        rules = len(load_policies(policies_dir))  # a bad file is an error: file, line, reason
+        policies = f"{rules} policy rule{'' if rules == 1 else 's'} in {policies_dir}"
+    else:
+        policies = f"policies not checked ({policies_dir} is not on this host)"
+    if config.audit.path:
+        load_hmac_key(config.audit.hmac_key_env)  # set but too short: an error anywhere
+    missing = [ref for ref in found if not ref.present]
+    for ref in missing:
+        needed = "start-up needs it" if ref.required else "optional"
+        print(
+            f"not on this host: {ref.key} = {ref.value} ({ref.kind}, {ref.missing}; {needed})",
+            file=sys.stderr,
+        )
+    required = [ref.key for ref in missing if ref.required]
+    if args.strict and required:
+        raise ConfigError(f"missing on this host (--strict): {', '.join(required)}")
     print(
         f"configuration OK: backend {config.backend.type}, "
-        f"keys: {', '.join(config.keys) or 'none'}, {rules} policy rules"
+        f"keys: {', '.join(config.keys) or 'none'}; {policies}"
     )
     if not config.keys:
         print("warning: no keys are configured; health will answer 503", file=sys.stderr)
@@ -149,74 +165,26 @@ def cmd_audit_hash(args: argparse.Namespace) -> int:
     return hash_command(args.values, key_env=args.key_env)
 
 
-def default_dev_socket() -> str:
-    runtime = os.environ.get("XDG_RUNTIME_DIR") or os.path.join(
-        tempfile.gettempdir(), f"kms-sidecar-{os.getuid()}"
-    )
-    return os.path.join(runtime, "kms-sidecar", "dev.sock")
-
-
 def cmd_dev(args: argparse.Namespace) -> int:
-    from sidecar.config import TelemetryConfig, config_from_mapping
+    """OpenBao dev server + sidecar, with a config, token file and audit log others can use."""
+    from sidecar.config import TelemetryConfig
+    from sidecar.devmode import DEV_KEY, DevDirectory
     from sidecar.devserver import DevOpenBao
     from sidecar.server.run import run
     from sidecar.telemetry import setup_logging
 
     setup_logging(TelemetryConfig())
-    socket_path = os.path.abspath(args.socket or default_dev_socket())
-    workdir = Path(tempfile.mkdtemp(prefix="kms-sidecar-dev-"))
     with DevOpenBao() as bao:
-        bao.create_key("default")
-        os.environ["KMS_SIDECAR_DEV_TOKEN"] = bao.root_token
-        policies = workdir / "policies"
-        policies.mkdir()
-        (policies / "dev.toml").write_text(dev_policy(os.getuid()))
-        config = config_from_mapping(
-            {
-                "server": {"socket": socket_path, "socket_mode": "0600"},
-                "backend": {
-                    "type": "vault",
-                    "vault": {"addresses": [bao.address], "token_env": "KMS_SIDECAR_DEV_TOKEN"},
-                },
-                "keys": {"default": {}},
-                "policies": {"dir": str(policies)},
-            },
-            base_dir=str(workdir),
+        bao.create_key(DEV_KEY)
+        workdir = DevDirectory.create(
+            bao_address=bao.address, bao_token=bao.root_token, socket=args.socket
         )
         try:
-            run(config, on_ready=lambda path: print(_dev_banner(path, bao.address), flush=True))
+            config = load_config(workdir.config)  # what runs is what the banner points at
+            run(config, on_ready=lambda _: print(workdir.banner(bao.address), flush=True))
         finally:
-            for file in policies.iterdir():
-                file.unlink()
-            policies.rmdir()
-            workdir.rmdir()
+            workdir.remove()
     return 0
-
-
-def dev_policy(uid: int) -> str:
-    """The policy ``kms-sidecar dev`` writes: the calling user may do everything."""
-    return (
-        "# Generated by `kms-sidecar dev`: the user who started it may do everything.\n"
-        "[[allow]]\n"
-        'name = "dev-user"\n'
-        f"when.unix_uid = [{uid}]\n"
-        'keys = ["*"]\n'
-        'operations = ["*"]\n'
-    )
-
-
-def _dev_banner(socket_path: str, bao_address: str) -> str:
-    from sidecar.devserver import find_bao
-
-    return f"""
-kms-sidecar {__version__} (dev) — embedded OpenBao at {bao_address}, key "default"
-socket: {socket_path}
-
-  curl -s --unix-socket {socket_path} -X POST http://localhost/v1/transit/datakey/plaintext/default
-  BAO_ADDR=unix://{socket_path} {find_bao()} write -f transit/datakey/plaintext/default
-
-Ctrl-C stops the sidecar and OpenBao.
-"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -231,11 +199,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("dev", help="run on an embedded OpenBao dev server, for trying it out")
-    p.add_argument("--socket", help="socket path (default: a per-user runtime directory)")
+    p.add_argument(
+        "--socket", help="socket path (default: in the private directory dev makes and prints)"
+    )
     p.set_defaults(func=cmd_dev)
 
-    p = sub.add_parser("check-config", help="validate a configuration file")
+    p = sub.add_parser(
+        "check-config",
+        help="validate a configuration file (and its policy files), connecting nowhere",
+    )
     p.add_argument("--config", help=f"config file (default: ${CONFIG_ENV})")
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="also fail when a file, directory or variable it names is missing on this host",
+    )
     p.set_defaults(func=cmd_check_config)
 
     p = sub.add_parser(

@@ -305,6 +305,11 @@ def _validate(config: Config) -> None:
             raise ConfigError(f"keys.{name}.kek_ttl: must be positive")
         if key.root_poll_interval <= 0:
             raise ConfigError(f"keys.{name}.root_poll_interval: must be positive")
+    if not config.policies.dir:
+        raise ConfigError(
+            "policies.dir: must name the directory of policy files; an empty directory "
+            "denies every request"
+        )
     if config.audit.max_file_bytes < 0:
         raise ConfigError("audit.max_file_bytes: must be positive, or 0 to never rotate")
     if config.telemetry.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):

@@ -21,6 +21,7 @@ import base64
 import binascii
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -140,6 +141,7 @@ class VaultBackend:
             method = auth_method_for(config, resolve_path)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        method.check()  # a credential that cannot exist stops start-up; the upstream is not asked
         for address in config.addresses:
             if address.startswith("http://") and urlsplit(address).hostname not in _LOOPBACK:
                 log.warning(
@@ -150,6 +152,8 @@ class VaultBackend:
         self._config = config
         self._mount = config.mount
         self._verify: bool | str = resolve_path(config.ca_file) or True
+        if isinstance(self._verify, str) and not os.access(self._verify, os.R_OK):
+            raise ConfigError(f"backend.vault.ca_file: {self._verify} cannot be read")
         self._auth = UpstreamAuth(method, self._call_with_failover)
         self._pool = ThreadPoolExecutor(config.max_concurrency, thread_name_prefix="vault")
         self._local = threading.local()

@@ -15,6 +15,11 @@ dead. Failures never raise out of the background thread: they show in :meth:`Ups
 and are retried after :class:`Backoff`. hvac blocks, so everything here runs in the backend's
 worker threads or in this module's one ``vault-auth`` thread, never on the event loop.
 
+At construction the backend calls :meth:`AuthMethod.check`: a credential that cannot exist (an
+unset token variable, a missing, unreadable or empty file) is a ``ConfigError`` naming its key and
+stops start-up. An upstream that cannot be reached is weather, not configuration: start-up goes on
+and health says why the sidecar is not ready.
+
 Tokens, secret IDs and JWTs are never logged and never appear in status or errors.
 """
 
@@ -32,7 +37,7 @@ from typing import Any, Protocol
 import hvac
 
 from sidecar.config import VaultConfig
-from sidecar.errors import SidecarError, UpstreamError, UpstreamUnavailable
+from sidecar.errors import ConfigError, SidecarError, UpstreamError, UpstreamUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -113,13 +118,23 @@ class AuthMethod(Protocol):
     def secrets(self) -> tuple[str, ...]:
         """The credential values in use, so they can be kept out of messages."""
 
+    def check(self) -> None:
+        """Read the credentials once, at start. Raises ``ConfigError`` naming the config key.
+
+        A credential that cannot exist (an unset variable, a missing, unreadable or empty file)
+        is a configuration error and stops start-up; an upstream that cannot be reached is not
+        checked here (it is weather: retried, and shown by health).
+        """
+
 
 class WatchedFile:
     """A small file's text, re-read when its inode, size or modification time changes."""
 
-    def __init__(self, path: str, what: str) -> None:
+    def __init__(self, path: str, what: str, key: str = "") -> None:
         self.path = path
         self._what = what
+        #: The dotted config key that names the file (``backend.vault.token_file``).
+        self.key = key
         self._signature: tuple[int, int, int] | None = None
         self._text = ""
 
@@ -151,6 +166,13 @@ class WatchedFile:
             raise CredentialError(f"The {self._what} file {self.path} is empty.")
         return self._text
 
+    def check(self) -> None:
+        """Read the file now; raises ``ConfigError`` naming :attr:`key` if it cannot be read."""
+        try:
+            self.read()
+        except CredentialError as exc:
+            raise ConfigError(f"{self.key}: {exc.message}") from None
+
 
 def _grant_from_auth(response: Any, token: str | None = None) -> Grant:
     """A :class:`Grant` from a login or renewal answer's ``auth`` block.
@@ -178,7 +200,9 @@ class StaticToken:
 
     def __init__(self, env: str, path: str) -> None:
         self._env = env
-        self._file = WatchedFile(path, "upstream token") if path else None
+        self._file = (
+            WatchedFile(path, "upstream token", "backend.vault.token_file") if path else None
+        )
         self._token = ""
 
     def _read(self) -> str:
@@ -209,6 +233,15 @@ class StaticToken:
     def secrets(self) -> tuple[str, ...]:
         return (self._token,)
 
+    def check(self) -> None:
+        if self._file is not None:
+            self._file.check()
+        elif not os.environ.get(self._env, "").strip():
+            raise ConfigError(
+                f"backend.vault.token_env: the environment variable {self._env} holding the "
+                "upstream token is not set or empty (set it, or set backend.vault.token_file)"
+            )
+
 
 class AppRoleLogin:
     """``auth_method = "approle"``: ``role_id`` and the secret ID in ``secret_id_file``."""
@@ -217,7 +250,9 @@ class AppRoleLogin:
 
     def __init__(self, role_id: str, secret_id_path: str, mount: str) -> None:
         self._role_id = role_id
-        self._secret_id = WatchedFile(secret_id_path, "AppRole secret ID")
+        self._secret_id = WatchedFile(
+            secret_id_path, "AppRole secret ID", "backend.vault.secret_id_file"
+        )
         self.mount = mount
 
     def login(self, send: Send) -> Grant:
@@ -238,6 +273,9 @@ class AppRoleLogin:
     def secrets(self) -> tuple[str, ...]:
         return (self._secret_id.read(),) if self._secret_id.path else ()
 
+    def check(self) -> None:
+        self._secret_id.check()
+
 
 class JwtLogin:
     """``auth_method = "jwt"``: the JWT in ``jwt_file`` (re-read on change) for ``role``."""
@@ -246,7 +284,7 @@ class JwtLogin:
 
     def __init__(self, role: str, jwt_path: str, mount: str) -> None:
         self._role = role
-        self._jwt = WatchedFile(jwt_path, "JWT")
+        self._jwt = WatchedFile(jwt_path, "JWT", "backend.vault.jwt_file")
         self.mount = mount
 
     def login(self, send: Send) -> Grant:
@@ -264,6 +302,9 @@ class JwtLogin:
 
     def secrets(self) -> tuple[str, ...]:
         return (self._jwt.read(),) if self._jwt.path else ()
+
+    def check(self) -> None:
+        self._jwt.check()
 
 
 def auth_method_for(

@@ -211,3 +211,76 @@ def test_an_unreadable_token_file_is_reported_without_crashing(tmp_path: Path) -
     with pytest.raises(UpstreamUnavailable):
         auth.token()
     assert "cannot be read" in auth.status()["last_error"]
+
+
+# -- fail fast on configuration, retry on weather -------------------------------------------
+
+
+def _vault_backend(**settings: Any) -> Any:
+    from sidecar.backends.vault import VaultBackend
+    from sidecar.config import VaultConfig
+
+    # port 9 (discard) on loopback: nothing answers, and nothing must be asked at construction
+    return VaultBackend(VaultConfig(addresses=("http://127.0.0.1:9",), **settings))
+
+
+@pytest.mark.parametrize(
+    ("settings", "key", "detail"),
+    [
+        (
+            {"token_env": "KMS_TEST_NO_SUCH_TOKEN"},
+            "backend.vault.token_env",
+            "KMS_TEST_NO_SUCH_TOKEN",
+        ),
+        ({"token_file": "{tmp}/missing"}, "backend.vault.token_file", "cannot be read"),
+        ({"token_file": "{tmp}"}, "backend.vault.token_file", "cannot be read"),  # a directory
+        ({"token_file": "{tmp}/empty"}, "backend.vault.token_file", "is empty"),
+        (
+            {"auth_method": "approle", "role_id": "r", "secret_id_file": "{tmp}/missing"},
+            "backend.vault.secret_id_file",
+            "AppRole secret ID file",
+        ),
+        (
+            {"auth_method": "jwt", "role": "r", "jwt_file": "{tmp}/missing"},
+            "backend.vault.jwt_file",
+            "JWT file",
+        ),
+    ],
+)
+def test_a_credential_that_cannot_exist_stops_start_up_naming_it(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    settings: dict[str, str],
+    key: str,
+    detail: str,
+) -> None:
+    from sidecar.errors import ConfigError
+
+    monkeypatch.delenv("KMS_TEST_NO_SUCH_TOKEN", raising=False)
+    (tmp_path / "empty").write_text("\n")
+    settings = {k: v.replace("{tmp}", str(tmp_path)) for k, v in settings.items()}
+    with pytest.raises(ConfigError) as raised:
+        _vault_backend(**settings)
+    message = str(raised.value)
+    assert message.startswith(f"{key}: ") and detail in message, message
+
+
+def test_an_empty_token_variable_acts_as_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sidecar.errors import ConfigError
+
+    monkeypatch.setenv("KMS_TEST_EMPTY_TOKEN", "  ")
+    with pytest.raises(ConfigError, match=r"backend.vault.token_env: .*KMS_TEST_EMPTY_TOKEN"):
+        _vault_backend(token_env="KMS_TEST_EMPTY_TOKEN")
+
+
+def test_an_unreachable_upstream_does_not_stop_construction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    monkeypatch.setenv("KMS_TEST_SOME_TOKEN", "s.token")
+    (tmp_path / "token").write_text("s.token\n")
+    for settings in ({"token_env": "KMS_TEST_SOME_TOKEN"}, {"token_file": str(tmp_path / "token")}):
+        backend = _vault_backend(**settings)
+        assert backend.calls == {}, "nothing is asked upstream at construction"
+        asyncio.run(backend.close())
