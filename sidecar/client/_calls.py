@@ -105,7 +105,18 @@ def datakeys(
     def parse(body: Mapping[str, Any]) -> list[DataKey]:
         return [_data_key(result, wrapped=wrapped) for result in _batch_results(body, n)]
 
-    return Call("POST", _datakey_path(key, wrapped), {"batch_input": [item] * n}, parse)
+    # A batch with a failed item is a 400 (or the failure's 5xx) holding every item's result,
+    # as Vault answers it: parsed like a 200, so the first item's error is the one raised.
+    return Call(
+        "POST",
+        _datakey_path(key, wrapped),
+        {"batch_input": [item] * n},
+        parse,
+        also_ok=_BATCH_FAILED,
+    )
+
+
+_BATCH_FAILED = frozenset({400, 500, 502, 503})
 
 
 def decrypt(key: str, ciphertext: str, *, context: Mapping[str, str] | None) -> Call[bytes]:

@@ -240,7 +240,7 @@ async def test_failed_batch_item_raises_its_error(
 ) -> None:
     good = {"plaintext": "AAAA", "ciphertext": "sidecar:v1:AA", "key_version": 1}
     bad = {"error": "Permission denied.", "code": "permission_denied"}
-    fake.answer(200, {"request_id": "r-7", "data": {"batch_results": [good, bad]}})
+    fake.answer(400, {"request_id": "r-7", "data": {"batch_results": [good, bad]}})
     with pytest.raises(PermissionDenied) as caught:
         await call(fake.socket_path, "datakeys", "payments", 2)
     assert caught.value.request_id == "r-7"  # type: ignore[attr-defined]
