@@ -81,6 +81,11 @@ class PermissionDenied(SidecarError):
     code = "permission_denied"
     default_message = "Permission denied."
 
+    def __init__(self, message: str | None = None, *, rule: str | None = None) -> None:
+        super().__init__(message)
+        #: The deny rule that refused, for the audit log only (``None``: nothing allowed it).
+        self.rule = rule
+
 
 class UnknownPath(SidecarError):
     """No route matches the path."""
@@ -102,9 +107,13 @@ class RateLimited(SidecarError):
     code = "rate_limited"
     default_message = "Too many requests; retry later."
 
-    def __init__(self, message: str | None = None, *, retry_after: float = 1.0) -> None:
+    def __init__(
+        self, message: str | None = None, *, retry_after: float = 1.0, rule: str | None = None
+    ) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        #: The rule whose rate was exceeded, for the audit log only.
+        self.rule = rule
 
 
 class UpstreamError(SidecarError):

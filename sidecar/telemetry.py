@@ -92,10 +92,12 @@ class Metrics:
     def __init__(self, sources: Callable[[], Mapping[str, Any]]) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._requests: dict[tuple[str, str], int] = {}
+        #: (operation, outcome) → decisions: a request, or each item of a batch
+        self._decisions: dict[tuple[str, str], int] = {}
         #: operation → [count per bucket (last: +Inf)..., sum of seconds]
         self._latency: dict[str, list[float]] = {}
         self.registry.register(_StateCollector(sources))
-        self.registry.register(_RequestCollector(self._requests, self._latency))
+        self.registry.register(_RequestCollector(self._requests, self._latency, self._decisions))
 
     def observe(self, operation: str, outcome: str, seconds: float) -> None:
         """Count one request: a dict update and a bucket search, for the hot path."""
@@ -107,6 +109,11 @@ class Metrics:
         histogram[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
         histogram[-1] += seconds
 
+    def decided(self, operation: str, outcome: str) -> None:
+        """Count one decision (``ok``, ``denied``, ``error``, ``client_closed``)."""
+        key = (operation, outcome)
+        self._decisions[key] = self._decisions.get(key, 0) + 1
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -115,10 +122,14 @@ class _RequestCollector(Collector):
     """The request counters and latency histograms, as Prometheus families."""
 
     def __init__(
-        self, requests: dict[tuple[str, str], int], latency: dict[str, list[float]]
+        self,
+        requests: dict[tuple[str, str], int],
+        latency: dict[str, list[float]],
+        decisions: dict[tuple[str, str], int],
     ) -> None:
         self._requests = requests
         self._latency = latency
+        self._decisions = decisions
 
     def describe(self) -> list[Any]:
         return []
@@ -141,7 +152,15 @@ class _RequestCollector(Collector):
             buckets = [(str(bound), counts[i]) for i, bound in enumerate(LATENCY_BUCKETS)]
             buckets.append(("+Inf", counts[-1]))
             latency.add_metric([operation], buckets, histogram[-1])
-        yield from (requests, latency)
+        decisions = CounterMetricFamily(
+            "kms_decisions",
+            "Policy decisions with their audit outcome (ok, denied, error, client_closed), by "
+            "operation: one per request, or per item of a batch.",
+            labels=["operation", "outcome"],
+        )
+        for (operation, outcome), count in sorted(self._decisions.items()):
+            decisions.add_metric([operation, outcome], count)
+        yield from (requests, latency, decisions)
 
 
 class _StateCollector(Collector):

@@ -15,10 +15,18 @@ Outcomes, one per record:
     Refused before the operation: authentication, policy or rate limit. ``error_code`` says which.
 ``error``
     Allowed, but the operation failed (``decryption_failed``, ``upstream_unavailable``, ...).
+``client_closed``
+    The caller went away before the request was read whole (it disconnected mid-body); nothing
+    was done and nothing answered.
 ``allowed``
     An intent record: allowed by policy, written *before* an operation with an effect outside the
     sidecar (such as rotating a root key), so the effect can never happen unaudited. The record
     that follows with the same ``request_id`` says how it ended.
+
+Each item of a ``batch_input`` is a decision of its own and gets its own record, sharing the
+request's ``request_id`` and carrying ``batch_index`` (0-based, in request order) and
+``batch_size``; a request that fails before its items are read (bad JSON, a refused token) leaves
+one record without them.
 """
 
 from __future__ import annotations
@@ -41,7 +49,7 @@ from sidecar.identity import Identity
 
 log = logging.getLogger(__name__)
 
-OUTCOMES: Final = frozenset({"ok", "denied", "error", "allowed"})
+OUTCOMES: Final = frozenset({"ok", "denied", "error", "allowed", "client_closed"})
 #: Outcomes that must carry an ``error_code``.
 FAILED_OUTCOMES: Final = frozenset({"denied", "error"})
 
@@ -143,8 +151,10 @@ def audit_record(
     context: Mapping[str, str] | None,
     hmac_key: bytes,
     cause: str | None = None,
+    batch_index: int | None = None,
+    batch_size: int | None = None,
 ) -> AuditRecord:
-    """The audit record of one request.
+    """The audit record of one decision: a request, or one item of a batch.
 
     ``time`` is Unix seconds (``time.time()``); ``kek_id`` is hex; ``rule`` is the policy rule that
     allowed or denied (``None`` when nothing matched, or before the policy check). ``outcome`` is
@@ -152,7 +162,8 @@ def audit_record(
     ``allowed`` must not have one. ``cause`` is the reason the caller is not told, such as
     ``DecryptionFailed.cause``: a phrase chosen by the sidecar's code, never text from the caller
     or a policy ``reason`` (those quote JWT subjects and claims in clear). ``hmac_key`` hashes the
-    context values and subjects. Raises ``ValueError``/``TypeError`` for a misuse.
+    context values and subjects. ``batch_index`` (0-based) and ``batch_size`` are given together,
+    for an item of a ``batch_input``. Raises ``ValueError``/``TypeError`` for a misuse.
     """
     if outcome not in OUTCOMES:
         raise ValueError(f"outcome must be one of {sorted(OUTCOMES)}, got {outcome!r}")
@@ -164,6 +175,10 @@ def audit_record(
         raise ValueError(f"outcome {outcome!r} takes no cause")
     if not hmac_key:
         raise ValueError("hmac_key must not be empty")
+    if (batch_index is None) != (batch_size is None) or (
+        batch_index is not None and batch_size is not None and not 0 <= batch_index < batch_size
+    ):
+        raise ValueError("batch_index and batch_size go together, 0 <= batch_index < batch_size")
     if root_version is not None and (isinstance(root_version, bool) or root_version < 0):
         raise ValueError("root_version must be a non-negative integer")
     identity_facts = _identity_facts(identity, hmac_key)
@@ -186,6 +201,9 @@ def audit_record(
     }
     if omitted:
         fields["context_omitted"] = omitted
+    if batch_index is not None:
+        fields["batch_index"] = batch_index
+        fields["batch_size"] = batch_size
     return AuditRecord(fields, _render(fields, identity_facts, kept, omitted))
 
 
@@ -196,9 +214,10 @@ def _render(
     omitted: int,
 ) -> tuple[str, str, str]:
     """The canonical JSON of a request record without its chain fields, split where ``prev``
-    and ``seq`` go (keys sorted: cause < context < ... < outcome < prev < request_id < ... <
-    rule < seq < time < trace_id < v). Equal, byte for byte, to ``chain.canonical_json``: a unit
-    test holds the two together. It is done by hand because it is three times faster.
+    and ``seq`` go (keys sorted: batch_index < batch_size < cause < context < ... < outcome <
+    prev < request_id < ... < rule < seq < time < trace_id < v). Equal, byte for byte, to
+    ``chain.canonical_json``: a unit test holds the two together. It is done by hand because it
+    is three times faster.
     """
     j = _json_value
     ctx = (
@@ -214,8 +233,13 @@ def _render(
         f'"uid":{j(identity["uid"])}}}'
     )
     omitted_part = f'"context_omitted":{omitted},' if omitted else ""
+    batch = (
+        f'"batch_index":{j(fields["batch_index"])},"batch_size":{j(fields["batch_size"])},'
+        if "batch_index" in fields
+        else ""
+    )
     before_prev = (
-        f'{{"cause":{j(fields["cause"])},"context":{ctx},{omitted_part}'
+        f'{{{batch}"cause":{j(fields["cause"])},"context":{ctx},{omitted_part}'
         f'"error_code":{j(fields["error_code"])},"event":"request","identity":{ident},'
         f'"kek_id":{j(fields["kek_id"])},"key":{j(fields["key"])},'
         f'"operation":{j(fields["operation"])},"outcome":{j(fields["outcome"])},'

@@ -24,11 +24,19 @@ class Decision:
     max_ttl: float | None = None
 
 
-def permission_denied(operation: str, key: str | None) -> PermissionDenied:
-    """The one denial callers see, whether the key is forbidden or does not exist."""
+def permission_denied(
+    operation: str, key: str | None, *, rule: str | None = None
+) -> PermissionDenied:
+    """The one denial callers see, whether the key is forbidden or does not exist.
+
+    ``rule`` names the deny rule that refused, for the audit log (callers are not told).
+    """
     if key is None:
-        return PermissionDenied(f"Permission denied: this caller may not use {operation!r}.")
+        return PermissionDenied(
+            f"Permission denied: this caller may not use {operation!r}.", rule=rule
+        )
     return PermissionDenied(
         f"Permission denied: this caller may not {operation} with key {key!r}, "
-        "or no such key exists."
+        "or no such key exists.",
+        rule=rule,
     )

@@ -199,6 +199,7 @@ class PolicySet:
                 f"Too many requests for {operation!r}; retry in "
                 f"{max(decision.retry_after, 0.001):.3g} seconds.",
                 retry_after=decision.retry_after,
+                rule=decision.rule,
             )
         if decision.max_ttl is not None:
             limit = format_seconds(decision.max_ttl)
@@ -211,4 +212,4 @@ class PolicySet:
                 f"Permission denied: the requested ttl exceeds the maximum of {limit} this "
                 f"caller may request for key {key!r}; ask for a shorter ttl."
             )
-        raise permission_denied(operation, key)
+        raise permission_denied(operation, key, rule=decision.rule)

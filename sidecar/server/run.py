@@ -7,7 +7,7 @@ import contextlib
 import dataclasses
 import logging
 import signal
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from aiohttp import web
@@ -16,80 +16,20 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from sidecar.audit import AuditLog
 from sidecar.auth import JwtVerifier
+from sidecar.auth.caller import CallerAuthenticator
 from sidecar.backends import open_backend
 from sidecar.backends.base import RootKeyBackend
 from sidecar.config import Config
-from sidecar.errors import ConfigError, Unauthenticated
-from sidecar.identity import Identity
 from sidecar.keys.keyring import Keyring
 from sidecar.keys.signing import Signer
-from sidecar.policy import PolicySet, load_policies
+from sidecar.policy.authorizer import PolicyAuthorizer
 from sidecar.server.app import build_app
 from sidecar.server.listener import unix_listener
-from sidecar.server.routing import Services
+from sidecar.server.services import Services
 from sidecar.server.tls import ServerTls
 from sidecar.telemetry import Metrics, install_tracer_provider
 
 log = logging.getLogger(__name__)
-
-
-class CallerAuthenticator:
-    """The connection's facts plus a verified JWT, if one is presented.
-
-    A token that is present but invalid — or present when no JWT verification is configured — is
-    refused by the verifier with 401; it never falls back to the peer credentials.
-    """
-
-    def __init__(self, verifier: JwtVerifier, *, peercred: bool) -> None:
-        self.verifier = verifier
-        self._peercred = peercred
-
-    async def identify(self, connection: Identity, token: str | None) -> Identity:
-        if not self._peercred and connection.peer is not None:
-            connection = dataclasses.replace(connection, peer=None)
-        if token is None:
-            return connection
-        try:
-            claims = await self.verifier.verify(token)
-        except Unauthenticated as exc:
-            raise Unauthenticated(f"The token was refused: {exc.message}.") from None
-        return dataclasses.replace(connection, jwt=claims)
-
-
-class PolicyAuthorizer:
-    """The loaded policy set; ``reload`` swaps it atomically, keeping the old one on error."""
-
-    def __init__(self, directory: str) -> None:
-        self.directory = directory
-        self.policies: PolicySet = load_policies(directory)
-        if not len(self.policies):
-            log.warning("no policy rules in %s: every request will be denied", directory)
-
-    def authorize(
-        self,
-        identity: Identity,
-        *,
-        key: str | None,
-        operation: str,
-        context: Mapping[str, str] | None = None,
-        ttl: float | None = None,
-    ) -> str:
-        decision = self.policies.authorize(
-            identity, key=key, operation=operation, context=context, ttl=ttl
-        )
-        return decision.rule or ""
-
-    def reload(self) -> bool:
-        try:
-            policies = load_policies(self.directory)
-        except ConfigError as exc:
-            log.error(
-                "policy reload failed, keeping the previous %d rules: %s", len(self.policies), exc
-            )
-            return False
-        self.policies = policies
-        log.info("policies reloaded: %d rules from %s", len(policies), self.directory)
-        return True
 
 
 def build_services(config: Config, backend: RootKeyBackend) -> Services:
@@ -139,10 +79,10 @@ def make_app(services: Services) -> web.Application:
         yield
         await services.audit.close()  # everything queued is flushed
 
-    async def verifier_ctx(_: web.Application) -> AsyncIterator[None]:
+    async def access_ctx(_: web.Application) -> AsyncIterator[None]:
         yield
-        if isinstance(services.authenticator, CallerAuthenticator):
-            await services.authenticator.verifier.aclose()
+        await services.authenticator.close()
+        await services.authorizer.close()
 
     async def pollers_ctx(_: web.Application) -> AsyncIterator[None]:
         tasks = [asyncio.create_task(keyring.refresh(name)) for name in keyring.key_names()]
@@ -152,7 +92,7 @@ def make_app(services: Services) -> web.Application:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    app.cleanup_ctx.extend([backend_ctx, audit_ctx, verifier_ctx, pollers_ctx])
+    app.cleanup_ctx.extend([backend_ctx, audit_ctx, access_ctx, pollers_ctx])
     return app
 
 
@@ -184,18 +124,17 @@ async def serve(
 
     reloads: set[asyncio.Task[None]] = set()
 
+    async def reload_all() -> None:
+        await services.authorizer.reload()
+        await services.authenticator.reload()  # a withdrawn signing key stops verifying
+
     def reload() -> None:
         log.info("SIGHUP: reloading policies, TLS files and JWT signing keys")
-        if isinstance(services.authorizer, PolicyAuthorizer):
-            services.authorizer.reload()
         if tls is not None:
             tls.reload()
-        if isinstance(services.authenticator, CallerAuthenticator):
-            verifier = services.authenticator.verifier
-            if verifier.enabled:  # a withdrawn signing key stops verifying without a restart
-                task = asyncio.create_task(verifier.refresh_keys())
-                reloads.add(task)
-                task.add_done_callback(reloads.discard)
+        task = asyncio.create_task(reload_all())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
 
     handlers: dict[signal.Signals, Callable[[], None]] = {
         signal.SIGTERM: stop.set,

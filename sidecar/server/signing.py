@@ -1,10 +1,11 @@
 """Sign, verify and JWKS routes, Vault transit's shape (``/v1/transit/sign/:name[/:hash]``…).
 
-Sign and verify are keyed handlers (:func:`~sidecar.server.routing.keyed`, operations
-``sign`` and ``verify``, ``batch_input`` supported). Vault reads ``hash_algorithm``,
+Sign and verify are keyed routes (operations ``sign`` and ``verify``, ``batch_input``
+supported). Vault reads ``hash_algorithm``,
 ``prehashed``, ``marshaling_algorithm``, ``key_version`` and ``context`` from the top of the body
 for every batch item; here an item may also carry its own, and a hash in the path wins over both.
-Batch items may carry Vault's ``reference``, echoed in their result.
+Batch items may carry Vault's ``reference``, echoed in their result (by the pipeline, as on
+every batch route).
 
 ``GET /v1/sidecar/jwks/:name`` (operation ``read``) answers a bare JSON Web Key Set
 (``{"keys": [...]}``, no Vault envelope) so JWT libraries can consume it as it is.
@@ -26,11 +27,9 @@ from sidecar.keys.signing import (
     SignOptions,
     signature_version,
 )
+from sidecar.policy.authorizer import AccessRequest
 from sidecar.server import fields
-from sidecar.server.routing import WRITE, Call, Route, call_for, keyed
-
-#: The body's top-level fields and the path's hash, parsed once per request.
-_DEFAULTS: web.RequestKey[dict[str, Any]] = web.RequestKey("signing_defaults", dict)
+from sidecar.server.routes import WRITE, Call, Done, Route, key_name
 
 
 def signer_for(call: Call) -> Signer:
@@ -44,21 +43,15 @@ def signer_for(call: Call) -> Signer:
 # -- fields --------------------------------------------------------------------------------
 
 
-async def _defaults(call: Call) -> dict[str, Any]:
+def _defaults(call: Call, body: Mapping[str, Any]) -> dict[str, Any]:
     """The request's top-level options (Vault applies them to every batch item) and path hash."""
-    request = call.request
-    defaults = request.get(_DEFAULTS)
-    if defaults is None:
-        path_hash = request.match_info.get("hash")
-        if path_hash is not None and path_hash not in HASH_ALGORITHMS:
-            raise InvalidRequest(
-                f"Unsupported hash algorithm {path_hash!r} in the path; "
-                f"use one of {', '.join(HASH_ALGORITHMS)}."
-            )
-        # The body was read (and kept) by the keyed handler; this parses the top level again.
-        body = fields.parse_body(await request.read()) if request.body_exists else {}
-        defaults = request[_DEFAULTS] = {**body, "path_hash": path_hash}
-    return defaults
+    path_hash = call.request.match_info.get("hash")
+    if path_hash is not None and path_hash not in HASH_ALGORITHMS:
+        raise InvalidRequest(
+            f"Unsupported hash algorithm {path_hash!r} in the path; "
+            f"use one of {', '.join(HASH_ALGORITHMS)}."
+        )
+    return {**body, "path_hash": path_hash}
 
 
 def _options(item: Mapping[str, Any], defaults: Mapping[str, Any]) -> SignOptions:
@@ -108,56 +101,46 @@ def _input(item: Mapping[str, Any]) -> bytes:
     return fields.base64_field(item, "input", required=True)
 
 
-def _with_reference(item: Mapping[str, Any], result: dict[str, Any]) -> dict[str, Any]:
-    reference = item.get("reference")
-    if isinstance(reference, str) and reference:
-        result["reference"] = reference
-    return result
-
-
 # -- keyed operations ----------------------------------------------------------------------
 
 
-async def _sign(call: Call, item: Mapping[str, Any]) -> dict[str, Any]:
-    data, options = _input(item), _options(item, await _defaults(call))
-    call.authorize()
-    signature = await signer_for(call).sign(call.key, data, options)
-    call.facts.root_version = signature.key_version
-    return _with_reference(
-        item, {"signature": signature.signature, "key_version": signature.key_version}
+async def _sign(
+    call: Call, access: AccessRequest, item: Mapping[str, Any], body: Mapping[str, Any]
+) -> Done:
+    data, options = _input(item), _options(item, _defaults(call, body))
+    signature = await signer_for(call).sign(key_name(access), data, options)
+    return Done(
+        {"signature": signature.signature, "key_version": signature.key_version},
+        signature.key_version,
     )
 
 
-async def _verify(call: Call, item: Mapping[str, Any]) -> dict[str, Any]:
-    data, options = _input(item), _options(item, await _defaults(call))
+async def _verify(
+    call: Call, access: AccessRequest, item: Mapping[str, Any], body: Mapping[str, Any]
+) -> Done:
+    data, options = _input(item), _options(item, _defaults(call, body))
     signature = fields.string_field(item, "signature")
-    call.authorize()
-    call.facts.root_version = signature_version(signature)
-    valid = await signer_for(call).verify(call.key, data, signature, options)
-    return _with_reference(item, {"valid": valid})
+    valid = await signer_for(call).verify(key_name(access), data, signature, options)
+    return Done({"valid": valid}, signature_version(signature))
 
 
-async def _jwks(request: web.Request) -> web.Response:
-    call = call_for(request, "read")
-    call.authorize()
-    jwks = await signer_for(call).jwks(call.key)
-    return web.Response(
+async def _jwks(
+    call: Call, access: AccessRequest, item: Mapping[str, Any], body: Mapping[str, Any]
+) -> Done:
+    jwks = await signer_for(call).jwks(key_name(access))
+    response = web.Response(
         body=json.dumps(jwks).encode(),
         content_type="application/json",
         headers={"Cache-Control": "no-cache"},
     )
-
-
-_jwks.operation = "read"  # type: ignore[attr-defined]
+    return Done(jwks, response=response)
 
 
 #: The sign, verify and JWKS entries of the route table.
 SIGNING_ROUTES: tuple[Route, ...] = (
-    Route(WRITE, "/v1/transit/sign/{name}", keyed("sign", _sign, batch=True), "sign"),
-    Route(WRITE, "/v1/transit/sign/{name}/{hash}", keyed("sign", _sign, batch=True), "sign"),
-    Route(WRITE, "/v1/transit/verify/{name}", keyed("verify", _verify, batch=True), "verify"),
-    Route(
-        WRITE, "/v1/transit/verify/{name}/{hash}", keyed("verify", _verify, batch=True), "verify"
-    ),
-    Route(("GET",), "/v1/sidecar/jwks/{name}", _jwks, "read"),
+    Route(WRITE, "/v1/transit/sign/{name}", "sign", _sign, batch=True),
+    Route(WRITE, "/v1/transit/sign/{name}/{hash}", "sign", _sign, batch=True),
+    Route(WRITE, "/v1/transit/verify/{name}", "verify", _verify, batch=True),
+    Route(WRITE, "/v1/transit/verify/{name}/{hash}", "verify", _verify, batch=True),
+    Route(("GET",), "/v1/sidecar/jwks/{name}", "read", _jwks),
 )
