@@ -9,8 +9,11 @@
         ...  # encrypt locally with data_key.plaintext, store data_key.ciphertext beside the data
         dek = await client.decrypt("payments", data_key.ciphertext, context={"tenant": "acme"})
 
-``Client`` offers the same methods, blocking. ``sidecar.client.envelope`` encrypts bytes and
-whole files locally under a fresh data key.
+``Client`` offers the same methods, blocking. ``client.key_pool(key, context=...)`` keeps
+single-use data keys issued ahead in batches, so taking one is an in-memory pop
+(``KeyPool``/``AsyncKeyPool``; ``key_pools`` for many contexts). ``sidecar.client.envelope``
+encrypts bytes, records and whole files locally under fresh data keys. ``docs/client.md`` says
+when to use which.
 
 Errors are the sidecar's own (re-exported here), rebuilt from its answer with ``status`` and
 ``request_id`` set; two more belong to the client::
@@ -28,6 +31,7 @@ Errors are the sidecar's own (re-exported here), rebuilt from its answer with ``
 from sidecar.client._calls import DataKey
 from sidecar.client._client import DEFAULT_SOCKET_PATH, AsyncClient, Client
 from sidecar.client._errors import SidecarUnreachable, UnexpectedResponse
+from sidecar.client._pool import AsyncKeyPool, AsyncKeyPools, KeyPool, KeyPools, PoolStats
 from sidecar.errors import (
     AuditUnavailable,
     DecryptionFailed,
@@ -47,15 +51,20 @@ from sidecar.errors import (
 __all__ = [
     "DEFAULT_SOCKET_PATH",
     "AsyncClient",
+    "AsyncKeyPool",
+    "AsyncKeyPools",
     "AuditUnavailable",
     "Client",
     "DataKey",
     "DecryptionFailed",
     "InternalError",
     "InvalidRequest",
+    "KeyPool",
+    "KeyPools",
     "MethodNotAllowed",
     "PayloadTooLarge",
     "PermissionDenied",
+    "PoolStats",
     "RateLimited",
     "SidecarError",
     "SidecarUnreachable",

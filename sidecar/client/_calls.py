@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 from urllib.parse import quote
@@ -14,6 +14,9 @@ from sidecar.client._errors import UnexpectedResponse, error_from_answer
 from sidecar.errors import InvalidRequest
 
 T = TypeVar("T")
+
+#: One compact encoder, made once (``json.dumps`` with options builds a new one per call).
+_to_json = json.JSONEncoder(separators=(",", ":")).encode
 
 #: A ``ttl`` as the API takes it: ``"90s"``, ``"5m"`` or whole seconds.
 Ttl = str | int
@@ -39,7 +42,9 @@ class Call(Generic[T]):
     """One request and the parser for its successful JSON answer.
 
     ``also_ok`` lists non-2xx statuses whose body is an answer rather than an error, unless
-    it is shaped as an error (has ``errors``).
+    it is shaped as an error (has ``errors``). A ``batch`` call's answer is read whatever its
+    status when it holds ``batch_results``: the sidecar answers 400 when any item failed (as
+    Vault does), and the first failed item's own error is the one to raise.
     """
 
     method: str
@@ -47,18 +52,23 @@ class Call(Generic[T]):
     body: Mapping[str, Any] | None
     parse: Callable[[Mapping[str, Any]], T]
     also_ok: frozenset[int] = frozenset()
+    batch: bool = False
 
     def encoded_body(self) -> bytes | None:
         if self.body is None:
             return None
-        return json.dumps(self.body, separators=(",", ":")).encode()
+        return _to_json(self.body).encode()
 
 
 def read_answer(call: Call[T], *, status: int, retry_after: str | None, raw: bytes) -> T:
     """The result of ``call`` from a raw answer, or the typed error the answer reports."""
     body = _json_object(raw)
     answered = 200 <= status < 300 or (
-        status in call.also_ok and body is not None and "errors" not in body
+        body is not None
+        and (
+            (status in call.also_ok and "errors" not in body)
+            or (call.batch and _holds_batch_results(body))
+        )
     )
     if not answered:
         body = body or {}
@@ -106,17 +116,30 @@ def datakeys(
         return [_data_key(result, wrapped=wrapped) for result in _batch_results(body, n)]
 
     # A batch with a failed item is a 400 (or the failure's 5xx) holding every item's result,
-    # as Vault answers it: parsed like a 200, so the first item's error is the one raised.
+    # as Vault answers it: read like a 200, so the first item's error is the one raised.
+    return Call("POST", _datakey_path(key, wrapped), {"batch_input": [item] * n}, parse, batch=True)
+
+
+def decrypt_batch(
+    key: str, ciphertexts: Sequence[str], contexts: Sequence[Mapping[str, str] | None]
+) -> Call[list[bytes]]:
+    if not ciphertexts:
+        raise ValueError("ciphertexts must not be empty")
+    if len(contexts) != len(ciphertexts):
+        raise ValueError("contexts must hold one context per ciphertext")
+    items = []
+    for ciphertext, context in zip(ciphertexts, contexts, strict=True):
+        item: dict[str, Any] = {"ciphertext": ciphertext}
+        _add_context(item, context)
+        items.append(item)
+    n = len(items)
+
+    def parse(body: Mapping[str, Any]) -> list[bytes]:
+        return [_b64(result, "plaintext") for result in _batch_results(body, n)]
+
     return Call(
-        "POST",
-        _datakey_path(key, wrapped),
-        {"batch_input": [item] * n},
-        parse,
-        also_ok=_BATCH_FAILED,
+        "POST", f"/v1/transit/decrypt/{key_segment(key)}", {"batch_input": items}, parse, batch=True
     )
-
-
-_BATCH_FAILED = frozenset({400, 500, 502, 503})
 
 
 def decrypt(key: str, ciphertext: str, *, context: Mapping[str, str] | None) -> Call[bytes]:
@@ -242,6 +265,11 @@ def _json_object(raw: bytes) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
+def _holds_batch_results(body: Mapping[str, Any]) -> bool:
+    data = body.get("data")
+    return isinstance(data, dict) and isinstance(data.get("batch_results"), list)
+
+
 def _data(body: Mapping[str, Any]) -> Mapping[str, Any]:
     data = body.get("data")
     if not isinstance(data, dict):
@@ -259,7 +287,7 @@ def _batch_results(body: Mapping[str, Any], n: int) -> list[Mapping[str, Any]]:
             raise UnexpectedResponse(
                 "The sidecar's answer holds a batch result that is not an object."
             )
-        if "error" in result:
+        if result.get("error"):  # Vault may send an empty "error" on items that succeeded
             raise error_from_answer(
                 status=None,
                 code=result.get("code"),

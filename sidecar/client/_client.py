@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import time
+from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
 from sidecar import __version__
 from sidecar.client import _calls
 from sidecar.client._calls import Call, DataKey, Ttl, read_answer
+from sidecar.client._pool import (
+    DEFAULT_MAX_AGE,
+    DEFAULT_POOL_SIZE,
+    AsyncKeyPool,
+    AsyncKeyPools,
+    Clock,
+    KeyPool,
+    KeyPools,
+)
 from sidecar.client._transport import AsyncUnixTransport, RawAnswer, UnixTransport
 
 T = TypeVar("T")
@@ -35,6 +45,18 @@ def _headers(token: str | None) -> dict[str, str]:
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
     return headers
+
+
+def _contexts(
+    n: int,
+    context: Mapping[str, str] | None,
+    contexts: Sequence[Mapping[str, str] | None] | None,
+) -> Sequence[Mapping[str, str] | None]:
+    if contexts is not None:
+        if context is not None:
+            raise ValueError("pass context or contexts, not both")
+        return contexts
+    return [context] * n
 
 
 def _result(call: Call[T], answer: RawAnswer) -> T:
@@ -64,8 +86,11 @@ class AsyncClient:
         timeout: float = 10.0,
     ) -> None:
         self.socket_path = resolve_socket_path(socket_path)
+        self.timeout = timeout
         self._headers = _headers(token)
-        self._transport = AsyncUnixTransport(self.socket_path, timeout=timeout)
+        self._transport = AsyncUnixTransport(
+            self.socket_path, timeout=timeout, headers=self._headers
+        )
 
     def __repr__(self) -> str:
         return f"AsyncClient(socket_path={self.socket_path!r})"
@@ -131,6 +156,79 @@ class AsyncClient:
         tampering, expiry.
         """
         return await self._run(_calls.decrypt(key, ciphertext, context=context))
+
+    async def decrypt_batch(
+        self,
+        key: str,
+        ciphertexts: Sequence[str],
+        *,
+        context: Mapping[str, str] | None = None,
+        contexts: Sequence[Mapping[str, str] | None] | None = None,
+    ) -> list[bytes]:
+        """The plaintexts of many blobs of ``key`` in one request (``batch_input``), in order.
+
+        ``context`` applies to every blob, or ``contexts`` gives one per blob. If any blob does
+        not open, the first failing item's error (``DecryptionFailed``, ...) is raised and no
+        plaintext is returned. The sidecar bounds a batch (``max_batch_items``, 1,000 by
+        default); larger ones raise ``PayloadTooLarge``.
+        """
+        return await self._run(
+            _calls.decrypt_batch(key, ciphertexts, _contexts(len(ciphertexts), context, contexts))
+        )
+
+    def key_pool(
+        self,
+        key: str,
+        *,
+        context: Mapping[str, str] | None = None,
+        bits: int = 256,
+        size: int = DEFAULT_POOL_SIZE,
+        max_age: float = DEFAULT_MAX_AGE,
+        batch: int | None = None,
+        now: Clock = time.monotonic,
+    ) -> AsyncKeyPool:
+        """A pool of single-use data keys of ``key`` bound to ``context``, refilled ahead.
+
+        Call it inside the event loop; ``await pool.take()`` is then an in-memory pop. At most
+        ``size`` keys are held, none older than ``max_age`` seconds; a refill asks for at most
+        ``batch`` (default ``min(size, 1000)``). The pool has its own connection; close it with
+        ``aclose()`` or ``async with``. See ``docs/client.md`` for what a pool changes.
+        """
+        transport = AsyncUnixTransport(
+            self.socket_path, timeout=self.timeout, headers=self._headers, max_connections=1
+        )
+        return AsyncKeyPool(
+            transport,
+            key,
+            context=context,
+            bits=bits,
+            size=size,
+            max_age=max_age,
+            batch=batch,
+            now=now,
+        )
+
+    def key_pools(
+        self,
+        key: str,
+        *,
+        bits: int = 256,
+        size: int = DEFAULT_POOL_SIZE,
+        max_age: float = DEFAULT_MAX_AGE,
+        batch: int | None = None,
+        max_contexts: int = 8,
+    ) -> AsyncKeyPools:
+        """One ``key_pool`` per encryption context, made on first use, at most ``max_contexts``.
+
+        ``await pools.take(context)``; the least recently used pool is closed (its keys wiped)
+        when a new context would exceed the bound.
+        """
+        return AsyncKeyPools(
+            lambda context: self.key_pool(
+                key, context=context, bits=bits, size=size, max_age=max_age, batch=batch
+            ),
+            max_contexts,
+        )
 
     async def encrypt(
         self,
@@ -209,9 +307,7 @@ class AsyncClient:
         await self._run(_calls.flush(key))
 
     async def _run(self, call: Call[T]) -> T:
-        answer = await self._transport.send(
-            call.method, call.path, call.encoded_body(), self._headers
-        )
+        answer = await self._transport.send(call.method, call.path, call.encoded_body())
         return _result(call, answer)
 
 
@@ -231,8 +327,9 @@ class Client:
         timeout: float = 10.0,
     ) -> None:
         self.socket_path = resolve_socket_path(socket_path)
+        self.timeout = timeout
         self._headers = _headers(token)
-        self._transport = UnixTransport(self.socket_path, timeout=timeout)
+        self._transport = UnixTransport(self.socket_path, timeout=timeout, headers=self._headers)
 
     def __repr__(self) -> str:
         return f"Client(socket_path={self.socket_path!r})"
@@ -284,6 +381,65 @@ class Client:
     ) -> bytes:
         """The plaintext of a blob; see ``AsyncClient.decrypt``."""
         return self._run(_calls.decrypt(key, ciphertext, context=context))
+
+    def decrypt_batch(
+        self,
+        key: str,
+        ciphertexts: Sequence[str],
+        *,
+        context: Mapping[str, str] | None = None,
+        contexts: Sequence[Mapping[str, str] | None] | None = None,
+    ) -> list[bytes]:
+        """The plaintexts of many blobs in one request; see ``AsyncClient.decrypt_batch``."""
+        return self._run(
+            _calls.decrypt_batch(key, ciphertexts, _contexts(len(ciphertexts), context, contexts))
+        )
+
+    def key_pool(
+        self,
+        key: str,
+        *,
+        context: Mapping[str, str] | None = None,
+        bits: int = 256,
+        size: int = DEFAULT_POOL_SIZE,
+        max_age: float = DEFAULT_MAX_AGE,
+        batch: int | None = None,
+        now: Clock = time.monotonic,
+    ) -> KeyPool:
+        """A pool of single-use data keys refilled by a background thread.
+
+        ``pool.take()`` is an in-memory pop; use ``with`` or ``close()``. The same bounds as
+        ``AsyncClient.key_pool``; the pool has its own connection.
+        """
+        transport = UnixTransport(self.socket_path, timeout=self.timeout, headers=self._headers)
+        return KeyPool(
+            transport,
+            key,
+            context=context,
+            bits=bits,
+            size=size,
+            max_age=max_age,
+            batch=batch,
+            now=now,
+        )
+
+    def key_pools(
+        self,
+        key: str,
+        *,
+        bits: int = 256,
+        size: int = DEFAULT_POOL_SIZE,
+        max_age: float = DEFAULT_MAX_AGE,
+        batch: int | None = None,
+        max_contexts: int = 8,
+    ) -> KeyPools:
+        """One ``key_pool`` per context, at most ``max_contexts``; see ``AsyncClient.key_pools``."""
+        return KeyPools(
+            lambda context: self.key_pool(
+                key, context=context, bits=bits, size=size, max_age=max_age, batch=batch
+            ),
+            max_contexts,
+        )
 
     def encrypt(
         self,
@@ -350,5 +506,5 @@ class Client:
         self._run(_calls.flush(key))
 
     def _run(self, call: Call[T]) -> T:
-        answer = self._transport.send(call.method, call.path, call.encoded_body(), self._headers)
+        answer = self._transport.send(call.method, call.path, call.encoded_body())
         return _result(call, answer)
