@@ -60,6 +60,7 @@ class FakeSidecar:
     body: Any = field(default_factory=lambda: {"request_id": "r-ok", "data": {}})
     headers: dict[str, str] = field(default_factory=dict)
     raw: bytes | None = None
+    chunked: bool = False
     hang: bool = False
     release: asyncio.Event = field(default_factory=asyncio.Event)
     seen: list[Seen] = field(default_factory=list)
@@ -93,7 +94,7 @@ class FakeSidecar:
     def last(self) -> Seen:
         return self.seen[-1]
 
-    async def handle(self, request: web.Request) -> web.Response:
+    async def handle(self, request: web.Request) -> web.StreamResponse:
         raw_body = await request.read()
         self.seen.append(
             Seen(
@@ -106,6 +107,15 @@ class FakeSidecar:
         if self.hang:
             await self.release.wait()
         body = self.raw if self.raw is not None else json.dumps(self.body).encode()
+        if self.chunked:
+            response = web.StreamResponse(status=self.status, headers=self.headers)
+            response.content_type = "application/json"
+            response.enable_chunked_encoding()
+            await response.prepare(request)
+            for at in range(0, len(body), 100_000):
+                await response.write(body[at : at + 100_000])
+            await response.write_eof()
+            return response
         return web.Response(
             status=self.status, body=body, headers=self.headers, content_type="application/json"
         )
@@ -245,6 +255,105 @@ async def test_failed_batch_item_raises_its_error(
         await call(fake.socket_path, "datakeys", "payments", 2)
     assert caught.value.request_id == "r-7"  # type: ignore[attr-defined]
     assert caught.value.status is None  # type: ignore[attr-defined]
+
+
+async def test_batch_answered_400_raises_the_first_failed_items_error(
+    fake: FakeSidecar, call: Callable[..., Any]
+) -> None:
+    # Vault's shape: HTTP 400 when any item failed, each item's own error and reference.
+    good = {"plaintext": "AAAA", "reference": "a"}
+    bad = {"error": "The ciphertext could not be decrypted.", "code": "decryption_failed"}
+    worse = {"error": "Permission denied.", "code": "permission_denied"}
+    fake.answer(
+        400,
+        {"request_id": "r-9", "data": {"batch_results": [good, {**bad, "reference": "b"}, worse]}},
+    )
+    with pytest.raises(DecryptionFailed) as caught:
+        await call(fake.socket_path, "decrypt_batch", "payments", ["x", "y", "z"])
+    assert caught.value.request_id == "r-9"  # type: ignore[attr-defined]
+    assert str(caught.value) == "The ciphertext could not be decrypted."
+
+
+async def test_batch_error_envelope_is_still_the_requests_error(
+    fake: FakeSidecar, call: Callable[..., Any]
+) -> None:
+    fake.error(413, "payload_too_large", "Field 'batch_input' holds more than 1000 items.")
+    with pytest.raises(PayloadTooLarge):
+        await call(fake.socket_path, "datakeys", "payments", 3)
+
+
+async def test_decrypt_batch_sends_one_item_per_blob_with_its_context(
+    fake: FakeSidecar, call: Callable[..., Any]
+) -> None:
+    fake.answer(200, {"data": {"batch_results": [{"plaintext": "AA=="}, {"plaintext": "AQ=="}]}})
+    contexts = [{"t": "1"}, None]
+    assert await call(
+        fake.socket_path, "decrypt_batch", "payments", ["b1", "b2"], contexts=contexts
+    ) == [b"\x00", b"\x01"]
+    assert fake.last.raw_path == "/v1/transit/decrypt/payments"
+    assert fake.last.json == {
+        "batch_input": [
+            {"ciphertext": "b1", "encryption_context": {"t": "1"}},
+            {"ciphertext": "b2"},
+        ]
+    }
+    await call(fake.socket_path, "decrypt_batch", "payments", ["b1", "b2"], context={"a": "b"})
+    assert [item["encryption_context"] for item in fake.last.json["batch_input"]] == [
+        {"a": "b"}
+    ] * 2
+
+
+async def test_large_answer_in_many_reads_and_chunked(
+    fake: FakeSidecar, call: Callable[..., Any]
+) -> None:
+    big = {"data": {"blob": "x" * 3_000_000}}
+    fake.answer(200, big)
+    assert await call(fake.socket_path, "status") == big["data"]
+    fake.chunked = True
+    assert await call(fake.socket_path, "status") == big["data"]
+
+
+async def test_answer_that_closes_the_connection_is_read_and_the_next_call_reconnects(
+    fake: FakeSidecar,
+) -> None:
+    fake.answer(200, {"data": {"ok": 1}}, {"Connection": "close"})
+    with Client(fake.socket_path) as blocking:
+        async with AsyncClient(fake.socket_path) as client:
+            for _ in range(3):
+                assert await client.status() == {"ok": 1}
+                assert await asyncio.to_thread(blocking.status) == {"ok": 1}
+    assert len(fake.seen) == 6
+
+
+async def test_not_http_at_all_is_unreachable_not_a_crash(
+    call: Callable[..., Any], tmp_path: Any
+) -> None:
+    with tempfile.TemporaryDirectory(prefix="kms-") as directory:
+        path = os.path.join(directory, "junk.sock")
+
+        done = asyncio.Event()
+
+        async def junk(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.read(1000)
+            writer.write(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")
+            writer.close()
+            await writer.wait_closed()
+            done.set()
+
+        server = await asyncio.start_unix_server(junk, path)
+        async with server:
+            with pytest.raises(SidecarUnreachable, match="broke off the answer"):
+                await call(path, "status")
+            await asyncio.wait_for(done.wait(), 5)
+
+
+async def test_many_concurrent_calls_share_a_bounded_set_of_connections(
+    fake: FakeSidecar,
+) -> None:
+    fake.answer(200, {"data": {"ok": 1}})
+    async with AsyncClient(fake.socket_path) as client:
+        results = await asyncio.gather(*(client.status() for _ in range(200)))
+    assert results == [{"ok": 1}] * 200
 
 
 async def test_health_not_ready_is_an_answer_with_the_reason(
