@@ -148,6 +148,10 @@ path = "audit.jsonl"
         kms = q(command_path("kms-sidecar"))
         bao = q(command_path("bao"))
         sock, config, token = q(self.socket), q(str(self.config)), q(str(self.token_file))
+        export = (
+            f"export SOCK={sock} KMS_SIDECAR_CONFIG={config} UPSTREAM={bao_address} "
+            f"UPSTREAM_TOKEN=$(cat {token})"
+        )
         no_token = ""
         warning = ""
         stored = stored_bao_token()
@@ -165,7 +169,7 @@ config: {self.config}
 audit:  {self.audit}
 (all in {self.root}, removed when this stops)
 {warning}
-  export SOCK={sock} KMS_SIDECAR_CONFIG={config}
+  {export}
   curl -s --unix-socket {sock} -X POST http://localhost/v1/transit/datakey/plaintext/{DEV_KEY}
   BAO_ADDR=unix://{self.socket}{no_token} {bao} write -f transit/datakey/plaintext/{DEV_KEY}
   {kms} policy check --config {config} --uid {os.getuid()} --key {DEV_KEY} --op datakey
