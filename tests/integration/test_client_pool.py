@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import logging
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -27,7 +29,8 @@ from sidecar.client import (
     KeyPool,
     PermissionDenied,
 )
-from tests.conftest import RunningSidecar
+from sidecar.devserver import DevOpenBao
+from tests.conftest import RunningSidecar, sidecar_config, vault_sections
 
 pytestmark = pytest.mark.integration
 
@@ -169,6 +172,32 @@ async def test_async_key_pools_are_bounded(aclient: AsyncClient) -> None:
         assert len(pools) == 2
         assert len(pool_tasks()) == 2
     assert pool_tasks() == []
+
+
+def test_every_pooled_key_has_its_own_audit_record_as_a_batch_item(
+    openbao: DevOpenBao, run_sidecar: Any, short_tmp: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KMS_AUDIT_HMAC_KEY", "ab" * 32)
+    audit_path = short_tmp / "audit" / "audit.log"
+    sidecar = run_sidecar(
+        sidecar_config(
+            short_tmp / "a.sock",
+            audit={"path": str(audit_path), "fail_closed": True},
+            **vault_sections(openbao),
+        )
+    )
+    with Client(sidecar.socket) as client, client.key_pool("payments", size=20, batch=8) as pool:
+        for _ in range(25):
+            pool.take()
+        wait_until(lambda: pool.stats().held == 20)
+    stats = pool.stats()
+    records = [json.loads(line) for line in audit_path.read_text().splitlines()]
+    issued = [r for r in records if r.get("operation") == "datakey" and r.get("outcome") == "ok"]
+    assert len(issued) == stats.issued  # one record per key, not per refill
+    assert all(r["batch_size"] >= 1 and 0 <= r["batch_index"] < r["batch_size"] for r in issued)
+    assert len({(r["request_id"], r["batch_index"]) for r in issued}) == stats.issued
+    assert len({r["request_id"] for r in issued}) == stats.refills
+    assert {r["identity"]["uid"] for r in issued} == {os.getuid()}
 
 
 # -- never older than max_age --------------------------------------------------------------------
@@ -358,3 +387,43 @@ def test_no_key_bytes_in_any_repr_log_or_exception(
         ):
             assert form not in text
     assert "acme" not in text  # context values are not shown either
+
+
+# -- envelope helpers on pools -------------------------------------------------------------------
+
+
+def test_records_sealed_from_a_pool_each_under_its_own_key_open_in_one_batch(
+    client: Client,
+) -> None:
+    from sidecar.client import envelope
+
+    records = [os.urandom(n) for n in (0, 1, 1024, 70_000, *([1024] * 40))]
+    with client.key_pool("payments", context=CONTEXT, size=16) as pool:
+        sealed = envelope.encrypt_records_sync(pool, records)
+        taken = pool.stats().taken
+    assert taken == len(records)
+    blobs = [json.loads(s[23 : 23 + int.from_bytes(s[19:23], "big")])["blob"] for s in sealed]
+    assert len(set(blobs)) == len(records)  # one data key per record
+    assert all(records[i] not in sealed[i] for i in range(2, len(records)))
+    assert envelope.decrypt_records_sync(client, sealed, key="payments") == records
+    assert envelope.decrypt_bytes_sync(client, sealed[2]) == records[2]  # the same format
+
+    tampered = [*sealed[:5], sealed[5][:-1] + bytes([sealed[5][-1] ^ 1]), *sealed[6:]]
+    with pytest.raises(DecryptionFailed):
+        envelope.decrypt_records_sync(client, tampered)
+    with pytest.raises(DecryptionFailed):
+        envelope.decrypt_records_sync(client, sealed, key="default")
+
+
+async def test_async_records_round_trip_across_keys_and_batches(aclient: AsyncClient) -> None:
+    from sidecar.client import envelope
+
+    async with (
+        aclient.key_pool("payments", context=CONTEXT, size=32) as payments,
+        aclient.key_pool("default", size=32) as default,
+    ):
+        first = await envelope.encrypt_records(payments, [b"p%d" % i for i in range(30)])
+        second = await envelope.encrypt_records(default, [b"d%d" % i for i in range(30)])
+    mixed = [blob for pair in zip(first, second, strict=True) for blob in pair]
+    opened = await envelope.decrypt_records(aclient, mixed, batch=7)
+    assert opened == [p for i in range(30) for p in (b"p%d" % i, b"d%d" % i)]
