@@ -153,6 +153,25 @@ class TelemetryConfig:
 
 
 @dataclass(frozen=True)
+class KmsV2Config:
+    """The Kubernetes KMS v2 provider (DESIGN §12): off while ``key`` is empty."""
+
+    socket: str = "/run/kms-sidecar/kms-v2.sock"
+    socket_mode: str = "0600"
+    socket_group: str = ""
+    #: One of ``[keys.*]``; its blobs seal the apiserver's DEK seeds.
+    key: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.key)
+
+    @property
+    def socket_mode_bits(self) -> int:
+        return int(self.socket_mode, 8)
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration. Build it with :func:`load_config` or :func:`config_from_mapping`."""
 
@@ -163,6 +182,7 @@ class Config:
     policies: PoliciesConfig = field(default_factory=PoliciesConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    kms_v2: KmsV2Config = field(default_factory=KmsV2Config)
     #: The directory relative paths in the file are resolved against.
     base_dir: str = field(default=".", metadata={"internal": True})
 
@@ -310,9 +330,24 @@ def _validate(config: Config) -> None:
             "policies.dir: must name the directory of policy files; an empty directory "
             "denies every request"
         )
+    _validate_kms_v2(config)
     if config.audit.max_file_bytes < 0:
         raise ConfigError("audit.max_file_bytes: must be positive, or 0 to never rotate")
     if config.telemetry.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError("telemetry.log_level: expected DEBUG, INFO, WARNING or ERROR")
     if config.telemetry.log_format not in ("text", "json"):
         raise ConfigError("telemetry.log_format: expected 'text' or 'json'")
+
+
+def _validate_kms_v2(config: Config) -> None:
+    kms = config.kms_v2
+    if not kms.enabled:
+        return
+    if kms.key not in config.keys:
+        raise ConfigError(f"kms_v2.key: {kms.key!r} is not one of the configured [keys.*]")
+    if not re.fullmatch(r"0?[0-7]{3}", kms.socket_mode):
+        raise ConfigError("kms_v2.socket_mode: expected an octal mode such as '0600'")
+    if not kms.socket:
+        raise ConfigError("kms_v2.socket: required when kms_v2.key is set")
+    if config.resolve_path(kms.socket) == config.resolve_path(config.server.socket):
+        raise ConfigError("kms_v2.socket: must differ from server.socket")

@@ -22,6 +22,7 @@ from sidecar.backends.base import RootKeyBackend
 from sidecar.config import Config
 from sidecar.keys.keyring import Keyring
 from sidecar.keys.signing import Signer
+from sidecar.kms.server import kms_v2_provider, kms_v2_server
 from sidecar.policy.authorizer import PolicyAuthorizer
 from sidecar.server.app import build_app
 from sidecar.server.listener import unix_listener
@@ -148,6 +149,7 @@ async def serve(
         shutdown_timeout=server.drain_timeout,
     )
     loop = asyncio.get_running_loop()
+    kms_v2 = contextlib.AsyncExitStack()
     await runner.setup()
     try:
         socket_path = config.resolve_path(server.socket)
@@ -158,6 +160,19 @@ async def serve(
                 await web.TCPSite(
                     runner, host.strip("[]"), int(port), ssl_context=tls.context
                 ).start()
+            if config.kms_v2.enabled:  # its own socket, same loop; drained before the audit closes
+                provider = kms_v2_provider(
+                    config,
+                    keyring=services.keyring,
+                    authenticator=services.authenticator,
+                    authorizer=services.authorizer,
+                    metrics=services.metrics,
+                    audit=services.audit,
+                    tracing=services.tracing,
+                )
+                await kms_v2.enter_async_context(
+                    kms_v2_server(config, provider, drain_timeout=server.drain_timeout)
+                )
             for sig, handler in handlers.items():
                 with contextlib.suppress(NotImplementedError, RuntimeError):
                     loop.add_signal_handler(sig, handler)
@@ -172,8 +187,10 @@ async def serve(
                 on_ready(socket_path)
             await stop.wait()
             log.info("stopping: draining in-flight requests (up to %.0fs)", server.drain_timeout)
+            await kms_v2.aclose()
             await runner.cleanup()
     finally:
+        await kms_v2.aclose()
         for sig in handlers:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(sig)

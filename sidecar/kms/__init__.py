@@ -1,0 +1,1 @@
+"""The Kubernetes KMS v2 provider (DESIGN §12)."""
