@@ -56,8 +56,10 @@ from sidecar.identity import Identity
 from sidecar.keys.keyring import Keyring
 from sidecar.kms.v2 import api_pb2
 from sidecar.kms.v2.api_grpc import KeyManagementServiceBase
+from sidecar.policy.authorizer import AccessRequest
 from sidecar.server.peer import read_peer_credentials
-from sidecar.telemetry import Metrics, request_id_var, tracer
+from sidecar.telemetry import Metrics, request_id_var
+from sidecar.tracing import tracer
 
 log = logging.getLogger(__name__)
 
@@ -99,17 +101,10 @@ class Authenticator(Protocol):
 
 
 class Authorizer(Protocol):
-    """What the KMS provider needs of the sidecar's authorizer."""
+    """What the KMS provider needs of the sidecar's authorizer: the allowing rule's name, or
+    ``PermissionDenied``/``RateLimited`` naming the refusing rule."""
 
-    def authorize(
-        self,
-        identity: Identity,
-        *,
-        key: str | None,
-        operation: str,
-        context: Mapping[str, str] | None = None,
-        ttl: float | None = None,
-    ) -> str: ...
+    def authorize(self, access: AccessRequest) -> str: ...
 
 
 def key_id_for(root_key_label: str, root_version: int) -> str:
@@ -200,7 +195,7 @@ class KmsV2Provider(KeyManagementServiceBase):
         audit = self._audit
         if healthz == HEALTHY and audit is not None and audit.fail_closed and not audit.healthy:
             healthz = AuditUnavailable.default_message
-        latest = self._keyring.status()["keys"][self.key_name]["latest_version"] or 0
+        latest = self._keyring.status().keys[self.key_name].latest_version or 0
         if probe is not None:
             latest = max(latest, probe.root_version)
         key_id = key_id_for(self.root_key_label, latest) if latest else ""
@@ -280,7 +275,7 @@ class KmsV2Provider(KeyManagementServiceBase):
             return _Result(identity, rule, await run(request), None)
         except SidecarError as exc:
             if isinstance(exc, PermissionDenied | RateLimited):
-                rule = getattr(exc, "rule", None) or rule
+                rule = exc.rule
             return _Result(identity, rule, None, exc)
         except Exception:
             log.exception("internal error in KMS v2 %s", method)
@@ -330,7 +325,7 @@ class KmsV2Provider(KeyManagementServiceBase):
         return await self._authenticator.identify(connection, None)
 
     def _authorize(self, identity: Identity, operation: str) -> str:
-        return self._authorizer.authorize(identity, key=self.key_name, operation=operation)
+        return self._authorizer.authorize(AccessRequest(identity, self.key_name, operation))
 
     @contextmanager
     def _span(self, stream: Stream[Any, Any], method: str) -> Iterator[trace.Span | None]:

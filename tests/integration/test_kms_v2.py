@@ -46,14 +46,18 @@ def _hostname_ok(name: str) -> bool:
     """RFC 1123 DNS name, fully qualified (at least two labels), as the apiserver requires of
     annotation keys."""
     labels = name.split(".")
-    return len(name) <= 253 and len(labels) >= 2 and all(
-        0 < len(label) <= 63
-        and label[0].isalnum()
-        and label[-1].isalnum()
-        and all(c.isalnum() or c == "-" for c in label)
-        and label.isascii()
-        and label == label.lower()
-        for label in labels
+    return (
+        len(name) <= 253
+        and len(labels) >= 2
+        and all(
+            0 < len(label) <= 63
+            and label[0].isalnum()
+            and label[-1].isalnum()
+            and all(c.isalnum() or c == "-" for c in label)
+            and label.isascii()
+            and label == label.lower()
+            for label in labels
+        )
     )
 
 
@@ -227,7 +231,9 @@ def test_hundreds_of_decrypts_at_once_share_one_unwrap(
 def test_rotation_changes_the_key_id_and_old_seeds_still_open(
     openbao: DevOpenBao, run_sidecar: Any, short_tmp: Path, root_key: str
 ) -> None:
-    sidecar = run_sidecar(kms_config(short_tmp, openbao, root_key, key={"root_poll_interval": "1s"}))
+    sidecar = run_sidecar(
+        kms_config(short_tmp, openbao, root_key, key={"root_poll_interval": "1s"})
+    )
     with ApiServer(kms_socket(sidecar)) as apiserver:
         old_seed = os.urandom(32)
         old = apiserver.encrypt(old_seed)
@@ -323,16 +329,14 @@ def test_a_uid_without_a_rule_is_refused(
 ) -> None:
     if os.getuid() != 0 or shutil.which("setpriv") is None:
         pytest.skip("needs root and setpriv to act as another user")
-    sidecar = run_sidecar(
-        kms_config(short_tmp, openbao, root_key, kms_v2={"socket_mode": "0666"})
-    )
+    sidecar = run_sidecar(kms_config(short_tmp, openbao, root_key, kms_v2={"socket_mode": "0666"}))
     os.chmod(short_tmp, 0o755)  # noqa: S103 - the socket directory, for the other uid
     root = str(Path(__file__).parents[2])
     answers = []
     for method in ("Status", "Encrypt", "Decrypt"):
+        client = [sys.executable, "-m", "tests.kms_client", kms_socket(sidecar), method]
         out = subprocess.run(
-            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-            + [sys.executable, "-m", "tests.kms_client", kms_socket(sidecar), method],
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *client],
             capture_output=True,
             text=True,
             timeout=30,

@@ -134,3 +134,28 @@ def test_check_config_passes_on_the_shipped_example(capsys: pytest.CaptureFixtur
 def test_an_empty_policies_dir_is_an_error() -> None:
     with pytest.raises(ConfigError, match=r"policies.dir: must name the directory"):
         config_from_mapping({"policies": {"dir": ""}})
+
+
+def test_kms_v2_is_off_until_a_key_is_named() -> None:
+    from sidecar.config import config_from_mapping
+
+    assert not config_from_mapping({}).kms_v2.enabled
+    config = config_from_mapping({"keys": {"etcd": {}}, "kms_v2": {"key": "etcd"}})
+    assert config.kms_v2.enabled and config.kms_v2.socket_mode_bits == 0o600
+
+
+@pytest.mark.parametrize(
+    ("kms_v2", "message"),
+    [
+        ({"key": "nope"}, "kms_v2.key: 'nope' is not one of the configured"),
+        ({"key": "etcd", "socket_mode": "rw"}, "kms_v2.socket_mode: expected an octal mode"),
+        ({"key": "etcd", "socket": "/run/s.sock"}, "kms_v2.socket: must differ from server.socket"),
+        ({"key": "etcd", "port": 1}, "kms_v2.port: unknown key"),
+    ],
+)
+def test_kms_v2_mistakes_name_their_key(kms_v2: dict[str, object], message: str) -> None:
+    from sidecar.config import config_from_mapping
+
+    raw = {"server": {"socket": "/run/s.sock"}, "keys": {"etcd": {}}, "kms_v2": kms_v2}
+    with pytest.raises(ConfigError, match=message):
+        config_from_mapping(raw)
