@@ -8,6 +8,7 @@ stops with a message an operator can act on.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import sys
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sidecar.errors import ConfigError
+from sidecar.errors import ConfigError, quoted
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -27,24 +28,31 @@ else:  # pragma: no cover
 
 CONFIG_ENV = "KMS_SIDECAR_CONFIG"
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+# ASCII only: ``\d`` alone would also take other scripts' digits, and ``\s`` other spaces.
+_DURATION = re.compile(r"^\s*(\d{1,30}(?:\.\d{1,30})?)\s*(ms|s|m|h|d)?\s*$", re.ASCII)
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 
 def parse_duration(value: str | int | float) -> float:
     """Seconds in ``value``: a number of seconds, or a string such as ``"90s"``, ``"5m"``, ``"1h"``.
 
-    Raises ``ValueError`` for anything else, including negative numbers.
+    Raises ``ValueError`` for anything else: negative, infinite or NaN numbers, integers too
+    large for a float, and digits other than ASCII ``0-9``.
     """
     if isinstance(value, bool):
         raise ValueError("expected a duration")
     if isinstance(value, int | float):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:
+            raise ValueError("a duration must be a finite number of seconds") from None
     else:
         match = _DURATION.match(value)
         if not match:
-            raise ValueError(f"expected a duration like '90s', '5m' or '1h', got {value!r}")
+            raise ValueError(f"expected a duration like '90s', '5m' or '1h', got {quoted(value)}")
         seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    if not math.isfinite(seconds):
+        raise ValueError("a duration must be a finite number of seconds")
     if seconds < 0:
         raise ValueError("a duration cannot be negative")
     return seconds

@@ -147,6 +147,21 @@ class ConfigError(Exception):
     """The configuration is invalid; the message names the dotted key. Stops start-up."""
 
 
+#: How many characters of a caller's value an error message may quote.
+QUOTE_LIMIT = 40
+
+
+def quoted(value: object, limit: int = QUOTE_LIMIT) -> str:
+    """A caller's value for an error message: its ``repr``, cut after ``limit`` characters.
+
+    Messages name what was wrong without echoing an unbounded input back to the caller.
+    """
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= limit:
+        return repr(text)
+    return repr(text[:limit]) + "…"
+
+
 def error_for_code(code: str) -> type[SidecarError]:
     """The exception class for an error code (``SidecarError`` for unknown codes)."""
     return _BY_CODE.get(code, SidecarError)

@@ -17,12 +17,27 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from sidecar.backends.base import RootKeyBackend
 from sidecar.cli import dev_policy
 from sidecar.config import Config, config_from_mapping
 from sidecar.devserver import DevOpenBao
 from sidecar.server.run import serve
+
+# Property suites: a budget of seconds by default (and in CI); HYPOTHESIS_PROFILE=long for a
+# campaign (see the README's Development section). No example database in CI: a fresh clone.
+settings.register_profile(
+    "ci",
+    max_examples=150,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile(
+    "long", max_examples=20_000, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):

@@ -14,7 +14,13 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from sidecar.backends.base import KEY_TYPES, NewKek, RootKeyInfo
-from sidecar.errors import DecryptionFailed, InvalidRequest, PermissionDenied, UpstreamUnavailable
+from sidecar.errors import (
+    DecryptionFailed,
+    InvalidRequest,
+    PermissionDenied,
+    UpstreamError,
+    UpstreamUnavailable,
+)
 
 
 class MemoryBackend:
@@ -49,6 +55,8 @@ class MemoryBackend:
 
     async def generate_kek(self, root_key: str) -> NewKek:
         await self._call("generate_kek", root_key)
+        if self._types[root_key] != "aes256":  # as transit refuses datakey on a signing key
+            raise UpstreamError("The key backend rejected datakey: key type does not support it.")
         version = self._latest[root_key]
         plaintext = self._random(32)
         handle = f"mem:v{version}:".encode() + self._random(16).hex().encode()

@@ -34,6 +34,8 @@ import base64
 import binascii
 import hashlib
 import json
+import math
+import re
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -52,7 +54,18 @@ _FLAG_EXPIRY = 0x01
 _U32 = struct.Struct(">I")
 _U16 = struct.Struct(">H")
 _U64 = struct.Struct(">Q")
-_MAX_ROOT_VERSION = 0xFFFFFFFF
+#: The largest root version a blob can carry (a uint32).
+MAX_ROOT_VERSION = 0xFFFFFFFF
+#: The longest ``ttl`` a blob accepts, in seconds: 2^32 (about 136 years). The expiry itself is a
+#: uint64 of Unix seconds; this bound keeps every ``now + ttl`` far inside it.
+MAX_TTL_SECONDS = float(1 << 32)
+_TTL_RANGE = "Field 'ttl' must be more than 0 and at most 4294967296 seconds (about 136 years)."
+_VERSION_TEXT = re.compile(r"v([1-9][0-9]{0,9})", re.ASCII)
+_CONTEXT_RULE = (
+    "Field 'encryption_context' must be an object whose keys and values are strings of "
+    "valid Unicode (no lone surrogates)."
+)
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 def kek_id_for(key_name: str, wrapped_kek: bytes) -> bytes:
@@ -60,17 +73,50 @@ def kek_id_for(key_name: str, wrapped_kek: bytes) -> bytes:
     return hashlib.sha256(key_name.encode() + b"\x00" + wrapped_kek).digest()[:KEK_ID_BYTES]
 
 
+def check_context(context: object) -> Mapping[str, str] | None:
+    """``context`` if it maps strings to strings that UTF-8 can encode (``None`` stays ``None``).
+
+    Raises ``InvalidRequest`` for anything else, a lone surrogate (which JSON's ``\\ud800``
+    escapes can carry) included. The one check of an encryption context, wherever it enters.
+    """
+    if context is None:
+        return None
+    if not isinstance(context, Mapping):
+        raise InvalidRequest(_CONTEXT_RULE)
+    for name, value in context.items():
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise InvalidRequest(_CONTEXT_RULE)
+        if not (name.isascii() and value.isascii()) and (
+            _SURROGATE.search(name) or _SURROGATE.search(value)
+        ):
+            raise InvalidRequest(_CONTEXT_RULE)
+    return context
+
+
 def canonical_context(context: Mapping[str, str] | None) -> bytes:
     """The encryption context as the bytes bound into the AAD.
 
-    Raises ``InvalidRequest`` unless ``context`` maps strings to strings.
+    Raises ``InvalidRequest`` as :func:`check_context` does.
     """
     if not context:
         return b"{}"
-    for name, value in context.items():
-        if not isinstance(name, str) or not isinstance(value, str):
-            raise InvalidRequest("encryption_context must map strings to strings.")
+    check_context(context)
     return json.dumps(context, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def check_ttl(ttl: float) -> float:
+    """``ttl`` (seconds) if a blob can carry it: finite, above 0, at most :data:`MAX_TTL_SECONDS`.
+
+    Raises ``InvalidRequest`` naming the field.
+    """
+    if not (math.isfinite(ttl) and 0 < ttl <= MAX_TTL_SECONDS):
+        raise InvalidRequest(_TTL_RANGE)
+    return ttl
+
+
+def expiry_after(now: float, ttl: float) -> int:
+    """The expiry a blob sealed at ``now`` (Unix seconds) with ``ttl`` carries, rounded up."""
+    return int(now + check_ttl(ttl) + 0.999)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,8 +133,10 @@ class Header:
         name = self.key_name.encode()
         if not 0 < len(name) < 256 or not 0 < len(self.wrapped_kek) < 65536:
             raise ValueError("key name or wrapped KEK out of range")
-        if not 0 < self.root_version <= _MAX_ROOT_VERSION:
+        if not 0 < self.root_version <= MAX_ROOT_VERSION:
             raise ValueError("root version out of range")
+        if self.expires_at is not None and not 0 <= self.expires_at < 1 << 64:
+            raise ValueError("expiry out of range")
         flags = _FLAG_EXPIRY if self.expires_at is not None else 0
         parts = [
             bytes((FORMAT_VERSION, flags, len(name))),
@@ -119,13 +167,14 @@ def parse(blob: str) -> ParsedBlob:
         raise DecryptionFailed("not a sidecar blob")
     try:
         version_text, body = blob[len(PREFIX) :].split(":", 1)
-        if not version_text.startswith("v") or not version_text[1:].isdigit():
+        version = _VERSION_TEXT.fullmatch(version_text)
+        if version is None:
             raise ValueError("bad version prefix")
         raw = base64.b64decode(body, validate=True)
         sealed = _parse_binary(raw)
     except (ValueError, IndexError, struct.error, binascii.Error, UnicodeDecodeError):
         raise DecryptionFailed("malformed blob") from None
-    if int(version_text[1:]) != sealed.header.root_version:
+    if int(version.group(1)) != sealed.header.root_version:
         raise DecryptionFailed("text and binary root versions differ")
     if sealed.header.kek_id != kek_id_for(sealed.header.key_name, sealed.header.wrapped_kek):
         raise DecryptionFailed("KEK id does not match the wrapped KEK")

@@ -24,13 +24,14 @@ from typing import Any, Final, NamedTuple
 
 from opentelemetry.trace import SpanKind
 
-from sidecar.backends.base import RootKeyBackend, RootKeyInfo
+from sidecar.backends.base import TRANSIT_TYPES, RootKeyBackend, RootKeyInfo
 from sidecar.config import KeyConfig
 from sidecar.errors import (
     DecryptionFailed,
     InvalidRequest,
     PermissionDenied,
     SidecarError,
+    UpstreamError,
     UpstreamUnavailable,
 )
 from sidecar.keys import envelope, kek_policy, passthrough
@@ -144,7 +145,7 @@ class Keyring:
         """A fresh DEK of ``bits`` and its blob. ``ttl`` (seconds) bounds when it can be opened."""
         if bits not in DEK_BITS:
             raise InvalidRequest("bits must be 128, 256 or 512.")
-        state = self._state(key_name)
+        state = self._symmetric_state(key_name)
         canonical = envelope.canonical_context(context)
         expires_at = self._expiry(ttl)
         kek = self._live_kek_now(state) or await self._rotate_live_kek(key_name, state)
@@ -164,7 +165,7 @@ class Keyring:
         ttl: float | None = None,
     ) -> SealedBlob:
         """Seal ``plaintext`` into a blob under the live KEK of ``key_name``."""
-        state = self._state(key_name)
+        state = self._symmetric_state(key_name)
         canonical = envelope.canonical_context(context)
         expires_at = self._expiry(ttl)
         return await self._seal_live(
@@ -175,9 +176,7 @@ class Keyring:
         """The Unix second after which a blob sealed now with ``ttl`` no longer opens."""
         if ttl is None:
             return None
-        if ttl <= 0:
-            raise InvalidRequest("ttl must be positive.")
-        return int(self._now() + ttl + 0.999)
+        return envelope.expiry_after(self._now(), ttl)
 
     async def decrypt(
         self,
@@ -202,7 +201,7 @@ class Keyring:
         associated_data: bytes = b"",
     ) -> Opened:
         """:meth:`decrypt`, also telling which root version and KEK sealed the blob."""
-        state = self._state(key_name)
+        state = self._symmetric_state(key_name)
         if passthrough.is_upstream_ciphertext(blob):
             with self._span("decrypt_ciphertext", state):
                 plaintext, version = await passthrough.decrypt(self.backend, state.root_key, blob)
@@ -221,7 +220,7 @@ class Keyring:
         associated_data: bytes = b"",
     ) -> SealedBlob:
         """``blob`` sealed again under the live KEK and newest root version; expiry kept."""
-        state = self._state(key_name)
+        state = self._symmetric_state(key_name)
         if passthrough.is_upstream_ciphertext(blob):
             with self._span("rewrap_ciphertext", state):
                 rewrapped, version = await passthrough.rewrap(self.backend, state.root_key, blob)
@@ -344,6 +343,22 @@ class Keyring:
         state = self._keys.get(key_name)
         if state is None:
             raise PermissionDenied()
+        return state
+
+    def _symmetric_state(self, key_name: str) -> _KeyState:
+        """The state of a key that seals blobs; an asymmetric one is refused without a call.
+
+        The type comes from the cached metadata (read at start and every poll); until it is
+        known, :meth:`_fetch_kek` finds out when the backend refuses.
+        """
+        state = self._state(key_name)
+        info = state.info
+        if info is not None and info.key_type != "aes256":
+            kind = TRANSIT_TYPES.get(info.key_type, info.key_type)
+            raise InvalidRequest(
+                f"Key {key_name!r} is an {kind} key: it signs and verifies, and has no data "
+                "keys or ciphertexts."
+            )
         return state
 
     def _seal(
@@ -473,6 +488,11 @@ class Keyring:
                 made = await self.backend.generate_kek(state.root_key)
         except UpstreamUnavailable as exc:
             state.last_upstream_error = exc.code
+            raise
+        except UpstreamError:
+            if state.info is None:  # perhaps an asymmetric key: say so, and never ask again
+                await self.refresh(key_name)
+                self._symmetric_state(key_name)
             raise
         state.last_upstream_error = None
         kek = Kek(

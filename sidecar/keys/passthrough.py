@@ -41,4 +41,6 @@ async def rewrap(backend: RootKeyBackend, root_key: str, ciphertext: str) -> tup
 def vault_version(ciphertext: str) -> int:
     """N in ``vault:vN:…`` (0 when the prefix is malformed; upstream refuses those anyway)."""
     version = ciphertext.split(":", 2)[1] if ciphertext.count(":") >= 2 else ""
-    return int(version[1:]) if version[:1] == "v" and version[1:].isdigit() else 0
+    digits = version[1:]  # ASCII only and short: int() refuses "²" and over 4300 digits
+    ok = version[:1] == "v" and 0 < len(digits) <= 10 and digits.isascii() and digits.isdigit()
+    return int(digits) if ok else 0

@@ -51,7 +51,7 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from sidecar.backends.base import RootKeyBackend, RootKeyInfo
-from sidecar.errors import InvalidRequest, UpstreamError
+from sidecar.errors import InvalidRequest, UpstreamError, quoted
 
 #: Vault's hash names → cryptography's algorithms. ``sha1`` and ``none`` are deliberately absent.
 HASH_ALGORITHMS: Mapping[str, Callable[[], hashes.HashAlgorithm]] = {
@@ -133,12 +133,13 @@ class SignOptions:
     def __post_init__(self) -> None:
         if self.hash_algorithm not in HASH_ALGORITHMS:
             raise InvalidRequest(
-                f"Unsupported hash_algorithm {self.hash_algorithm!r}; "
+                f"Unsupported hash_algorithm {quoted(self.hash_algorithm)}; "
                 f"use one of {', '.join(HASH_ALGORITHMS)}."
             )
         if self.marshaling_algorithm not in MARSHALING_ALGORITHMS:
             raise InvalidRequest(
-                f"Unsupported marshaling_algorithm {self.marshaling_algorithm!r}; use asn1 or jws."
+                f"Unsupported marshaling_algorithm {quoted(self.marshaling_algorithm)}; "
+                "use asn1 or jws."
             )
         if self.key_version is not None and self.key_version < 1:
             raise InvalidRequest("key_version must be a positive version number.")
@@ -198,10 +199,16 @@ class Signer:
             raise InvalidRequest("The input to sign must not be empty.")
         root_key = self._root_key_of(key_name)
         backend = self.backend
-        view = await self._view(key_name)
+        view = await self._view(key_name, version=options.key_version)
         key_type = view.info.key_type
         if key_type == "aes256":
             raise InvalidRequest(f"Key {key_name!r} is an aes256 key; it cannot sign.")
+        if options.key_version is not None and options.key_version > view.info.latest_version:
+            # Refused here: transit answers a 500 for it, which would read as an outage.
+            raise InvalidRequest(
+                f"Field 'key_version' names version {options.key_version} of key {key_name!r}, "
+                f"whose latest version is {view.info.latest_version}."
+            )
         if isinstance(backend, UpstreamSigner):
             signature, version = await backend.sign_upstream(
                 root_key,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sidecar.errors import PermissionDenied
+from sidecar.errors import PermissionDenied, quoted
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +36,7 @@ def permission_denied(
             f"Permission denied: this caller may not use {operation!r}.", rule=rule
         )
     return PermissionDenied(
-        f"Permission denied: this caller may not {operation} with key {key!r}, "
+        f"Permission denied: this caller may not {operation} with key {quoted(key)}, "
         "or no such key exists.",
         rule=rule,
     )

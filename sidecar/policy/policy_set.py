@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Final
 
-from sidecar.errors import PermissionDenied, RateLimited
+from sidecar.errors import InvalidRequest, RateLimited, quoted
 from sidecar.identity import Identity
 from sidecar.policy.decision import Decision, permission_denied
 from sidecar.policy.facts import caller_key
@@ -185,9 +185,10 @@ class PolicySet:
     ) -> Decision:
         """:meth:`decide`, raising for a refusal.
 
-        Raises ``PermissionDenied`` (the same message whether or not the key exists) or
-        ``RateLimited`` (with ``retry_after`` in seconds). Returns the allowing decision, whose
-        ``rule`` the audit log records.
+        Raises ``PermissionDenied`` (the same message whether or not the key exists),
+        ``RateLimited`` (with ``retry_after`` in seconds), or ``InvalidRequest`` naming ``ttl``
+        when a rule would allow the request with a shorter (or any) ttl. Returns the allowing
+        decision, whose ``rule`` the audit log records.
         """
         decision = self.decide(
             identity, key=key, operation=operation, context=context, ttl=ttl, now=now
@@ -201,15 +202,15 @@ class PolicySet:
                 retry_after=decision.retry_after,
                 rule=decision.rule,
             )
-        if decision.max_ttl is not None:
+        if decision.max_ttl is not None:  # the caller's field is at fault, not its rights
             limit = format_seconds(decision.max_ttl)
             if ttl is None:
-                raise PermissionDenied(
-                    f"Permission denied: this caller must request a ttl of at most {limit} for "
-                    f"key {key!r}; set ttl."
+                raise InvalidRequest(
+                    f"Field 'ttl' is required: this caller may request keys of {quoted(key)} "
+                    f"only with a ttl of at most {limit}."
                 )
-            raise PermissionDenied(
-                f"Permission denied: the requested ttl exceeds the maximum of {limit} this "
-                f"caller may request for key {key!r}; ask for a shorter ttl."
+            raise InvalidRequest(
+                f"Field 'ttl' exceeds the maximum of {limit} this caller may request for key "
+                f"{quoted(key)}; ask for a shorter ttl."
             )
         raise permission_denied(operation, key, rule=decision.rule)

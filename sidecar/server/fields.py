@@ -1,25 +1,51 @@
-"""Request fields: parsed and checked once, with messages a caller can act on."""
+"""Request fields: parsed and checked once, with messages a caller can act on.
+
+Every parser here raises ``InvalidRequest`` (or ``PayloadTooLarge``) naming its field, and
+nothing else, whatever the caller sent: a batch item that fails is answered as that item's
+error. Numbers are strict: JSON integers, or strings of ASCII digits ``0-9`` where Vault accepts
+strings; never ``Infinity``, ``NaN``, a float that overflows, or other scripts' digits.
+"""
 
 from __future__ import annotations
 
 import base64
 import binascii
 import json
+import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
 from sidecar.config import parse_duration
 from sidecar.errors import InvalidRequest, PayloadTooLarge
+from sidecar.keys import envelope
 
 _EMPTY = frozenset({b"", b"{}", b"null"})
+#: An integer written as a string: ASCII digits only, few enough for any field here.
+_DIGITS = re.compile(r"[0-9]{1,19}", re.ASCII)
+
+
+def _refuse_constant(name: str) -> Any:
+    raise InvalidRequest(f"The request body holds {name}, which is not a JSON number.")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise InvalidRequest("The request body holds a number too large to represent.")
+    return value
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:
-    """The JSON object in ``raw``; an empty body or ``null`` is ``{}``."""
+    """The JSON object in ``raw``; an empty body or ``null`` is ``{}``.
+
+    ``Infinity``, ``NaN`` and numbers that overflow a float (``1e400``), which Python's ``json``
+    would accept, are refused.
+    """
     if raw in _EMPTY or not raw.strip():
         return {}
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float)
     except (ValueError, UnicodeDecodeError):
         raise InvalidRequest("The request body is not valid JSON.") from None
     except RecursionError:
@@ -52,38 +78,57 @@ def string_field(item: Mapping[str, Any], name: str) -> str:
     return value
 
 
-def context_field(item: Mapping[str, Any]) -> dict[str, str] | None:
-    value = item.get("encryption_context")
-    if value is None:
-        return None
-    if not isinstance(value, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
-    ):
-        raise InvalidRequest("Field 'encryption_context' must be an object of strings.")
-    return value
+def context_field(item: Mapping[str, Any]) -> Mapping[str, str] | None:
+    """``encryption_context``: an object of strings, each valid Unicode; ``None`` if absent."""
+    return envelope.check_context(item.get("encryption_context"))
+
+
+_TTL_FORMAT = "Field 'ttl' must be seconds or a duration like '90s' or '5m'."
 
 
 def ttl_field(item: Mapping[str, Any]) -> float | None:
+    """``ttl`` in seconds (``None`` when absent or 0), within what a blob can carry."""
     value = item.get("ttl")
-    if value is None or value == "" or value == 0:
+    if value is None or value == "" or (value == 0 and not isinstance(value, bool | str)):
         return None
-    if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
-        raise InvalidRequest("Field 'ttl' must be positive.")
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise InvalidRequest(_TTL_FORMAT)
     try:
-        return parse_duration(value)
-    except (ValueError, TypeError):
-        raise InvalidRequest(
-            "Field 'ttl' must be seconds or a duration like '90s' or '5m'."
-        ) from None
+        seconds = parse_duration(value)
+    except ValueError:
+        if isinstance(value, str):
+            raise InvalidRequest(_TTL_FORMAT) from None
+        if value < 0:
+            raise InvalidRequest("Field 'ttl' must be positive.") from None
+        seconds = math.inf  # an integer too large for a float: out of range
+    return envelope.check_ttl(seconds)
+
+
+def integer_value(value: Any, name: str) -> int | None:
+    """``value`` of field ``name`` as an integer: a JSON integer or a string of ASCII digits.
+
+    ``None`` and ``""`` are ``None``. Raises ``InvalidRequest`` for anything else.
+    """
+    if value is None or value == "":
+        return None
+    if isinstance(value, str) and _DIGITS.fullmatch(value):
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise InvalidRequest(f"Field '{name}' must be a whole number.")
 
 
 def bits_field(item: Mapping[str, Any]) -> int:
-    value = item.get("bits", 256)
-    if isinstance(value, str) and value.isdigit():
-        value = int(value)
-    if value not in (128, 256, 512) or isinstance(value, bool):
+    """``bits``: 128, 256 (the default) or 512."""
+    try:
+        bits = integer_value(item.get("bits"), "bits")
+    except InvalidRequest:
+        bits = -1
+    if bits is None:
+        return 256
+    if bits not in (128, 256, 512):
         raise InvalidRequest("Field 'bits' must be 128, 256 or 512.")
-    return int(value)
+    return bits
 
 
 def plaintext_field(item: Mapping[str, Any], limit: int) -> bytes:

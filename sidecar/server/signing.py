@@ -19,7 +19,8 @@ from typing import Any
 
 from aiohttp import web
 
-from sidecar.errors import InvalidRequest
+from sidecar.errors import InvalidRequest, quoted
+from sidecar.keys.envelope import MAX_ROOT_VERSION
 from sidecar.keys.signing import (
     DEFAULT_HASH,
     HASH_ALGORITHMS,
@@ -48,7 +49,7 @@ def _defaults(call: Call, body: Mapping[str, Any]) -> dict[str, Any]:
     path_hash = call.request.match_info.get("hash")
     if path_hash is not None and path_hash not in HASH_ALGORITHMS:
         raise InvalidRequest(
-            f"Unsupported hash algorithm {path_hash!r} in the path; "
+            f"Unsupported hash algorithm {quoted(path_hash)} in the path; "
             f"use one of {', '.join(HASH_ALGORITHMS)}."
         )
     return {**body, "path_hash": path_hash}
@@ -87,13 +88,15 @@ def _bool(value: Any, name: str) -> bool:
 
 
 def _version(value: Any) -> int | None:
-    if isinstance(value, str) and value.isdigit():
-        value = int(value)
-    if value is None or value == 0:
+    try:
+        version = fields.integer_value(value, "key_version")
+    except InvalidRequest:
+        version = -1
+    if version is None or version == 0:
         return None  # 0 means the latest, as in Vault
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+    if not 0 < version <= MAX_ROOT_VERSION:
         raise InvalidRequest("Field 'key_version' must be a positive version number.")
-    return value
+    return version
 
 
 def _input(item: Mapping[str, Any]) -> bytes:

@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 
 import pytest
 
-from sidecar.errors import PermissionDenied, RateLimited
+from sidecar.errors import InvalidRequest, PermissionDenied, RateLimited
 from sidecar.identity import Identity, JwtClaims, PeerCredentials, TlsPeer
 from sidecar.policy import PolicySet, explain, parse_policy_text, permission_denied
 
@@ -286,9 +286,10 @@ def test_authorize_returns_the_deciding_rule(policy: PolicySet) -> None:
 def test_too_long_ttl_says_so(policy: PolicySet) -> None:
     decision = policy.decide(unix(), key="ephemeral", operation="datakey", ttl=3600.0)
     assert decision.max_ttl == 600.0
-    with pytest.raises(PermissionDenied, match="ttl exceeds the maximum of 10m"):
+    # The caller may use the key, so the field is at fault: a 400 naming it, not a 403.
+    with pytest.raises(InvalidRequest, match="Field 'ttl' exceeds the maximum of 10m"):
         policy.authorize(unix(), key="ephemeral", operation="datakey", ttl=3600.0)
-    with pytest.raises(PermissionDenied, match="must request a ttl of at most 10m"):
+    with pytest.raises(InvalidRequest, match=r"Field 'ttl' is required.*at most 10m"):
         policy.authorize(unix(), key="ephemeral", operation="datakey-wrapped")
     # Another caller is not told about a rule that would not apply to it anyway.
     with pytest.raises(PermissionDenied) as other:
