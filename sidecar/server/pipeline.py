@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from aiohttp import web
+from aiohttp.http_exceptions import PayloadEncodingError
 from aiohttp.typedefs import Middleware
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
@@ -291,10 +292,11 @@ async def _read(request: web.Request) -> bytes:
     """The whole body; :class:`ClientClosed` when the caller goes away before sending it."""
     try:
         return await request.read()
-    except (ConnectionError, web.HTTPException):
-        raise
-    except Exception as exc:  # aiohttp's payload errors: the stream ended early
-        if request.transport is None or request.transport.is_closing():
+    except ConnectionError as exc:  # aiohttp's "Connection lost" mid-body
+        raise ClientClosed from exc
+    except PayloadEncodingError as exc:  # the stream ended short of its Content-Length
+        transport = request.transport
+        if transport is None or transport.is_closing():
             raise ClientClosed from exc
         raise
 
