@@ -4,6 +4,7 @@ mapped to Vault's shape, wrapping refused, a caller gone mid-body, a failing aud
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import socket
 from collections.abc import Callable
@@ -35,15 +36,24 @@ async def _until(condition: Callable[[], object]) -> None:
     raise AssertionError("the condition never held")
 
 
-def _codes(cls: type[errors.SidecarError]) -> set[str]:
-    found = {cls.code}
-    for sub in cls.__subclasses__():
-        found |= _codes(sub)
+def _server_codes() -> set[str]:
+    """Every code a server-side error can carry: the tree of ``sidecar.errors`` and each
+    subclass the server's layers define (the client SDK's own errors never reach a response)."""
+    for module in ("sidecar.backends.vault_auth", "sidecar.server.app", "sidecar.kms"):
+        importlib.import_module(module)  # each may define subclasses
+
+    found: set[str] = set()
+    pending: list[type[errors.SidecarError]] = [errors.SidecarError]
+    while pending:
+        cls = pending.pop()
+        if not cls.__module__.startswith("sidecar.client"):
+            found.add(cls.code)
+        pending.extend(cls.__subclasses__())
     return found
 
 
 def test_every_error_code_has_its_status() -> None:
-    codes = _codes(errors.SidecarError)
+    codes = _server_codes()
     missing = codes - set(STATUS_BY_CODE)
     assert not missing, f"codes without an HTTP status (they would answer 500): {missing}"
     assert {c for c, s in STATUS_BY_CODE.items() if s == 500} == {"internal"}
