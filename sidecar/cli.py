@@ -240,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head", help="the last hash the sidecar reports (detects a cut tail)")
     p.set_defaults(func=cmd_audit_verify)
     p = audit.add_parser("hash", help="the audit HMAC of known values, to grep the log for")
-    p.add_argument("values", nargs="+", metavar="VALUE")
+    p.add_argument("values", nargs="+", metavar="VALUE", help="values to hash, e.g. a tenant id")
     p.add_argument("--key-env", default="KMS_AUDIT_HMAC_KEY", help="variable holding the key")
     p.set_defaults(func=cmd_audit_hash)
 

@@ -6,8 +6,8 @@ A fenced block is run when the line before its opening fence is a marker comment
     <!-- doctest: exit=1 -->    every command must exit 1 (e.g. a denied `policy check`)
     <!-- doctest: subset -->    a JSON output shown may leave fields out
 
-- In a ```` ```sh ```` block every command is run (a line ending in ``\\`` continues it; ``#``
-  lines are comments); outputs are not compared.
+- In a ```` ```sh ```` block every command is run (a line ending in ``\\`` continues it, a
+  here-document runs to its end marker; ``#`` lines are comments); outputs are not compared.
 - In a ```` ```console ```` block, ``$ `` starts a command (continued like above); the lines up
   to the next ``$ `` are its output, compared by :func:`output_matches`.
 
@@ -71,9 +71,11 @@ def _blocks(path: Path) -> list[_Block]:
         if marker and i + 1 < len(lines) and (fence := _FENCE.match(lines[i + 1].strip())):
             block = _Block(i + 3, fence.group("info"), _options(marker.group("options")))
             close = fence.group("fence")
+            indent = len(lines[i + 1]) - len(lines[i + 1].lstrip())  # a block in a list item
             i += 2
             while i < len(lines) and not lines[i].strip().startswith(close):
-                block.lines.append(lines[i])
+                line = lines[i]
+                block.lines.append(line[indent:] if not line[:indent].strip() else line.lstrip())
                 i += 1
             if i == len(lines):
                 raise ValueError(f"{path}:{block.line - 2}: the doctest block is never closed")
@@ -84,13 +86,25 @@ def _blocks(path: Path) -> list[_Block]:
     return blocks
 
 
+_HEREDOC = re.compile(r"<<-?\s*(['\"]?)(\w+)\1")
+
+
 def _joined(lines: list[str], start: int) -> tuple[str, int]:
-    """The command starting at ``lines[start]`` with its ``\\`` continuations; next index."""
+    """The command starting at ``lines[start]`` with its ``\\`` continuations and here-document
+    (``<<'EOF'`` … ``EOF``); the index after it."""
     parts = [lines[start]]
     i = start
     while parts[-1].rstrip().endswith("\\") and i + 1 < len(lines):
         i += 1
         parts.append(lines[i])
+    heredoc = _HEREDOC.search("\n".join(parts))
+    if heredoc:
+        end = heredoc.group(2)
+        while i + 1 < len(lines):
+            i += 1
+            parts.append(lines[i])
+            if lines[i].strip() == end:
+                break
     return "\n".join(parts), i + 1
 
 

@@ -19,6 +19,9 @@ rm -rf /
 export A=1
 curl -s --unix-socket $SOCK \\
      http://localhost/v1/sys/health
+cat > f.toml <<'END'
+# not a comment line
+END
 ```
 
 <!-- doctest: exit=1 subset -->
@@ -39,13 +42,14 @@ def test_only_marked_blocks_are_extracted(tmp_path: Path) -> None:
     assert [c.text for c in found] == [
         "export A=1",
         "curl -s --unix-socket $SOCK \\\n     http://localhost/v1/sys/health",
+        "cat > f.toml <<'END'\n# not a comment line\nEND",
         "kms-sidecar policy check --key k \\\n    --op datakey",
         "echo '{\"a\": 1}'",
     ]
-    assert [c.line for c in found] == [10, 11, 17, 20]
-    assert [c.exit for c in found] == [0, 0, 1, 1]
-    assert found[0].output is None and found[2].output == "Denied: …"
-    assert found[3].output == '{"a": 1}' and found[3].subset
+    assert [c.line for c in found] == [10, 11, 13, 20, 23]
+    assert [c.exit for c in found] == [0, 0, 0, 1, 1]
+    assert found[0].output is None and found[3].output == "Denied: …"
+    assert found[4].output == '{"a": 1}' and found[4].subset
 
 
 def test_json_is_compared_by_fields_and_values() -> None:
