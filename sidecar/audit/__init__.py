@@ -1,4 +1,5 @@
-"""The tamper-evident audit log: one hash-chained JSON line per request.
+"""The tamper-evident audit log: one hash-chained JSON line per decision (a request, or each
+item of a batch).
 
 * :func:`audit_record` builds a record from a fixed set of facts, HMAC-ing context values and
   subjects; :func:`hash_value` computes the same HMAC for a value an auditor already knows.

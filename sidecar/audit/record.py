@@ -1,4 +1,4 @@
-"""Audit records: the facts one request leaves in the audit log, and nothing secret.
+"""Audit records: the facts one decision leaves in the audit log, and nothing secret.
 
 A record is built only by :func:`audit_record`, which takes a fixed set of facts: there is no
 field for key bytes, plaintext, ciphertext, tokens or free text from a caller. Two kinds of value

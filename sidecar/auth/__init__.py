@@ -1,4 +1,7 @@
-"""Authenticating callers: JWT verification. (The server reads peer credentials and mTLS.)"""
+"""Authenticating callers: JWT verification (``jwt``) and the server's adapter (``caller``).
+
+The server reads the connection's peer credentials and mTLS certificate itself.
+"""
 
 from sidecar.auth.jwt import ASYMMETRIC_ALGORITHMS, JwtVerifier, VerificationKey
 

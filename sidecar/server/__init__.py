@@ -1,1 +1,2 @@
-"""The HTTP face of the sidecar: routes, middleware, listeners and the daemon's wiring."""
+"""The HTTP face of the sidecar: the route table (``app``), the request pipeline (``pipeline``),
+listeners, and the daemon's wiring (``run``). See ``docs/architecture.md``."""

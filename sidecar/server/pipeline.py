@@ -59,7 +59,8 @@ from sidecar.server.peer import read_peer_credentials
 from sidecar.server.routes import Call, Done, Route
 from sidecar.server.services import Services
 from sidecar.server.tls import tls_peer
-from sidecar.telemetry import request_id_var, trace_id_hex, tracer
+from sidecar.telemetry import request_id_var, trace_id_hex
+from sidecar.tracing import tracer
 
 log = logging.getLogger(__name__)
 
