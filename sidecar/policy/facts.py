@@ -2,8 +2,10 @@
 
 A fact the caller did not prove (no JWT, no Unix peer, no SPIFFE ID, an empty subject, a missing
 claim) reads as ``None``. Claim paths reach into nested objects with dots; a key that itself
-contains dots is found too, the longest matching key first, so ``kubernetes.io.namespace`` reads
-``claims["kubernetes.io"]["namespace"]`` of a Kubernetes projected service-account token.
+contains dots is found too, so ``kubernetes.io.namespace`` reads
+``claims["kubernetes.io"]["namespace"]`` of a Kubernetes projected service-account token. A path
+that names two claims of one token (``{"a.b": 1, "a": {"b": 2}}`` for ``a.b``) reads as missing:
+a claim a token's subject could add can never stand in for the nested one a rule meant.
 """
 
 from __future__ import annotations
@@ -18,22 +20,29 @@ MISSING: Final = object()
 
 
 def resolve_claim(claims: Mapping[str, Any], parts: Sequence[str]) -> Any:
-    """The claim at dotted ``parts`` (keys containing dots tried longest first), or ``MISSING``."""
-    return _resolve(claims, tuple(parts), 0)
+    """The claim at dotted ``parts``, or ``MISSING``.
+
+    ``parts`` may be grouped into names that contain dots (``kubernetes.io``): every grouping is
+    tried against the names the token has, and the path resolves only when exactly one reaches a
+    value. Two (a top-level ``"kubernetes.io.namespace"`` beside the nested one) mean ``MISSING``.
+    """
+    found: list[Any] = []
+    _collect(claims, tuple(parts), 0, found)
+    return found[0] if len(found) == 1 else MISSING
 
 
-def _resolve(node: Mapping[str, Any], parts: tuple[str, ...], start: int) -> Any:
+def _collect(node: Mapping[str, Any], parts: tuple[str, ...], start: int, found: list[Any]) -> None:
+    """Append to ``found`` what each grouping of ``parts[start:]`` reaches; stop at two."""
     for end in range(len(parts), start, -1):
+        if len(found) > 1:
+            return
         name = parts[start] if end == start + 1 else ".".join(parts[start:end])
         if name in node:
             value = node[name]
             if end == len(parts):
-                return value
-            if isinstance(value, Mapping):
-                found = _resolve(value, parts, end)
-                if found is not MISSING:
-                    return found
-    return MISSING
+                found.append(value)
+            elif isinstance(value, Mapping):
+                _collect(value, parts, end, found)
 
 
 def caller_key(identity: Identity) -> str:
