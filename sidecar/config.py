@@ -291,8 +291,6 @@ def _validate(config: Config) -> None:
     server = config.server
     if not re.fullmatch(r"0?[0-7]{3}", server.socket_mode):
         raise ConfigError("server.socket_mode: expected an octal mode such as '0660'")
-    if server.socket_mode_bits & 0o007:
-        raise ConfigError("server.socket_mode: the socket must not be open to other users")
     for name in ("max_body_bytes", "max_plaintext_bytes", "max_batch_items"):
         if getattr(server, name) <= 0:
             raise ConfigError(f"server.{name}: must be positive")

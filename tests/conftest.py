@@ -239,6 +239,19 @@ def killed_on_exit(proc: subprocess.Popen[Any]) -> Iterator[None]:
             proc.kill()
 
 
+#: The event loops the shipped process is tested on (``KMS_SIDECAR_LOOP``).
+LOOPS = ("uvloop", "asyncio")
+
+
+def kms_sidecar_command() -> list[str]:
+    """The ``kms-sidecar`` console script installed beside this Python, as the README installs it
+    (``pip install -e '.[dev]'``): the entry point users run, not ``python -m``."""
+    script = Path(sys.executable).with_name("kms-sidecar")
+    if not script.exists():
+        pytest.fail(f"{script} is missing: install the project with pip install -e '.[dev]'")
+    return [str(script)]
+
+
 @contextlib.contextmanager
 def sidecar_process(
     config: Path,
@@ -247,20 +260,139 @@ def sidecar_process(
     env: dict[str, str] | None = None,
     stderr: Any = subprocess.DEVNULL,
     text: bool = False,
+    loop: str | None = None,
 ) -> Iterator[subprocess.Popen[Any]]:
-    """``kms-sidecar run --config CONFIG`` as a child; yields once its socket exists.
+    """``kms-sidecar run --config CONFIG`` as a child; yields once its socket accepts connections.
 
-    The child is killed if it is still running when the block ends, so a failing test never
-    leaves one behind.
+    ``loop`` (``uvloop`` or ``asyncio``) is passed as ``KMS_SIDECAR_LOOP``; by default the
+    child picks as it would in production. The child is killed if it is still running when the
+    block ends, so a failing test never leaves one behind.
     """
+    if loop is not None:
+        env = {**(os.environ if env is None else env), "KMS_SIDECAR_LOOP": loop}
     with (
         subprocess.Popen(
-            [sys.executable, "-m", "sidecar", "run", "--config", str(config)],
+            [*kms_sidecar_command(), "run", "--config", str(config)],
             stderr=stderr,
             env=env,
             text=text,
         ) as proc,
         killed_on_exit(proc),
     ):
-        wait_for(lambda: os.path.exists(socket_path), proc)
+        wait_for(lambda: _connectable(str(socket_path)), proc)
         yield proc
+
+
+def _connectable(socket_path: str) -> bool:
+    """Whether the socket accepts connections (it exists a moment before it listens)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(socket_path)
+    except OSError:
+        return False
+    finally:
+        sock.close()
+    return True
+
+
+class ProcessSidecar:
+    """A running ``kms-sidecar run`` child: its socket, its log, and requests to it."""
+
+    def __init__(self, proc: subprocess.Popen[Any], socket_path: str, log_path: Path) -> None:
+        self.proc = proc
+        self.socket = socket_path
+        self.log_path = log_path
+
+    def request(self, method: str, path: str, body: Any = None, **kwargs: Any) -> Response:
+        return request(self.socket, method, path, body, **kwargs)
+
+    def log(self) -> str:
+        """Everything the child has logged so far (stderr)."""
+        return self.log_path.read_text(errors="replace")
+
+
+def _answers(socket_path: str) -> bool:
+    try:
+        request(socket_path, "GET", "/v1/sys/health")
+    except OSError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def shipped_sidecar(
+    config: Path,
+    socket_path: Path | str,
+    *,
+    loop: str | None = None,
+    env: dict[str, str] | None = None,
+) -> Iterator[ProcessSidecar]:
+    """The installed ``kms-sidecar run`` on ``loop``, yielded once it answers on its socket.
+
+    Its stderr goes to ``<config>.log``. On exit it gets SIGTERM and must stop cleanly (exit 0).
+    """
+    log_path = config.with_suffix(".log")
+    with (
+        log_path.open("w") as log_file,
+        sidecar_process(config, socket_path, env=env, stderr=log_file, loop=loop) as proc,
+    ):
+        wait_for(lambda: _answers(str(socket_path)), proc)
+        yield ProcessSidecar(proc, str(socket_path), log_path)
+        proc.terminate()
+        assert proc.wait(30) == 0, log_path.read_text(errors="replace")[-2000:]
+
+
+@pytest.fixture(scope="module")
+def module_tmp() -> Iterator[Path]:
+    """A short temporary directory for module-scoped sidecars (socket paths ≤ 107 bytes)."""
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="kms-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+#: A caller that needs nothing of the checkout (which another uid may not enter: a clone in a
+#: 0700 home directory), only the standard library of the system's Python.
+OTHER_UID_CLIENT = """
+import http.client, json, socket, sys
+
+class Unix(http.client.HTTPConnection):
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(sys.argv[1])
+
+conn = Unix("localhost", timeout=30)
+conn.request("POST", "/v1/transit/datakey/plaintext/payments", body=b"")
+response = conn.getresponse()
+print(response.status, json.loads(response.read())["code"])
+"""
+
+
+def run_as_another_uid(socket_path: str, uid: int = 65534) -> subprocess.CompletedProcess[str]:
+    """:data:`OTHER_UID_CLIENT` run as ``uid`` (gid 0) by the system's python3, from a
+    world-readable directory of its own."""
+    import shutil
+    import tempfile
+
+    python = shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin")
+    if os.getuid() != 0 or shutil.which("setpriv") is None or python is None:
+        pytest.skip("needs root, setpriv and a system python3 to act as another user")
+
+    with tempfile.TemporaryDirectory(prefix="kms-other-") as directory:
+        os.chmod(directory, 0o755)  # noqa: S103 - readable by the other uid, writable by none
+        script = Path(directory) / "client.py"
+        script.write_text(OTHER_UID_CLIENT)
+        script.chmod(0o644)
+        return subprocess.run(
+            [
+                *("setpriv", f"--reuid={uid}", "--regid=0", "--clear-groups"),
+                *(python, str(script), socket_path),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+            cwd=directory,
+        )

@@ -9,7 +9,7 @@ is the only adapter between the two; anything else that decides access (the KMS 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from sidecar.errors import ConfigError
@@ -42,9 +42,14 @@ class PolicyAuthorizer:
     Raises ``ConfigError`` at construction for a bad policy file (naming file, line and reason).
     """
 
-    def __init__(self, directory: str) -> None:
+    def __init__(
+        self, directory: str, *, check: Callable[[PolicySet], None] = lambda _: None
+    ) -> None:
         self.directory = directory
+        #: Refuses a set the deployment makes unsafe (``ConfigError``), at start and on reload.
+        self._check = check
         self.policies: PolicySet = load_policies(directory)
+        check(self.policies)
         if not len(self.policies):
             log.warning("no policy rules in %s: every request will be denied", directory)
 
@@ -67,6 +72,7 @@ class PolicyAuthorizer:
         """Load the policy files again; on error keep the current set and log why."""
         try:
             policies = load_policies(self.directory)
+            self._check(policies)
         except ConfigError as exc:
             log.error(
                 "policy reload failed, keeping the previous %d rules: %s", len(self.policies), exc

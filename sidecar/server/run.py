@@ -25,8 +25,10 @@ from sidecar.keys.signing import Signer
 from sidecar.kms.server import kms_v2_provider, kms_v2_server
 from sidecar.policy.authorizer import PolicyAuthorizer
 from sidecar.server.app import build_app
+from sidecar.server.eventloop import loop_name, loop_runner
 from sidecar.server.listener import unix_listener
 from sidecar.server.services import Services
+from sidecar.server.socket_access import check_socket_access, describe_socket_access
 from sidecar.server.tls import ServerTls
 from sidecar.telemetry import Metrics, install_tracer_provider
 
@@ -55,7 +57,12 @@ def build_services(config: Config, backend: RootKeyBackend) -> Services:
         authenticator=CallerAuthenticator(
             JwtVerifier(config.auth, base_dir=config.base_dir), peercred=config.auth.peercred
         ),
-        authorizer=PolicyAuthorizer(config.resolve_path(config.policies.dir)),
+        authorizer=PolicyAuthorizer(
+            config.resolve_path(config.policies.dir),
+            check=lambda policies: check_socket_access(
+                config.server.socket_mode_bits, policies.rules
+            ),
+        ),
         metrics=Metrics(state),
         audit=audit,
         tracing=isinstance(trace.get_tracer_provider(), TracerProvider),
@@ -177,12 +184,14 @@ async def serve(
                 with contextlib.suppress(NotImplementedError, RuntimeError):
                     loop.add_signal_handler(sig, handler)
             log.info(
-                "kms-sidecar ready on %s%s (backend %s, keys: %s)",
+                "kms-sidecar ready on %s%s (backend %s, keys: %s, event loop %s)",
                 socket_path,
                 f" and mTLS {server.tcp_address}" if tls else "",
                 services.keyring.backend.kind,
                 ", ".join(services.keyring.key_names()) or "none",
+                loop_name(loop),
             )
+            log.info(describe_socket_access(server.socket_mode_bits, server.socket_group))
             if on_ready:
                 on_ready(socket_path)
             await stop.wait()
@@ -201,10 +210,5 @@ async def serve(
 
 
 def run(config: Config, *, on_ready: Callable[[str], None] | None = None) -> None:
-    """Run :func:`serve` on uvloop when it is installed, else on asyncio's loop."""
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(serve(config, on_ready=on_ready))
-    else:
-        uvloop.run(serve(config, on_ready=on_ready))
+    """Run :func:`serve` on the loop ``KMS_SIDECAR_LOOP`` chooses (see :mod:`.eventloop`)."""
+    loop_runner()(serve(config, on_ready=on_ready))

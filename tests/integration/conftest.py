@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from sidecar.devserver import DevOpenBao
-from tests.conftest import TOKEN_ENV, RunningSidecar, openbao, sidecar_config, vault_sections
+from tests.conftest import (
+    LOOPS,
+    TOKEN_ENV,
+    ProcessSidecar,
+    RunningSidecar,
+    module_tmp,
+    openbao,
+    shipped_sidecar,
+    sidecar_config,
+    vault_sections,
+)
+from tests.pki import TlsFiles, make_tls_files
 
-__all__ = ["TOKEN_ENV", "openbao", "vault_sections"]
+__all__ = ["TOKEN_ENV", "module_tmp", "openbao", "vault_sections"]
 
 
 @pytest.fixture
@@ -20,3 +34,65 @@ def sidecar(openbao: DevOpenBao, run_sidecar: Any, short_tmp: Path) -> RunningSi
         sidecar_config(short_tmp / "s.sock", **vault_sections(openbao))
     )
     return sidecar
+
+
+SPIFFE_PROD = "spiffe://example.org/ns/prod/sa/*"
+
+
+def shipped_policy(uid: int) -> str:
+    """The policy of :func:`shipped`: the test user, and prod SPIFFE IDs over mTLS, may do all."""
+    return (
+        f'[[allow]]\nname = "test-user"\nwhen.unix_uid = [{uid}]\nkeys = ["*"]\n'
+        'operations = ["*"]\n\n'
+        f'[[allow]]\nname = "mesh-prod"\nwhen.spiffe_id = "{SPIFFE_PROD}"\nkeys = ["*"]\n'
+        'operations = ["*"]\n'
+    )
+
+
+@dataclass
+class Shipped:
+    """A shipped sidecar process with both listeners, and the PKI to call its mTLS one."""
+
+    sidecar: ProcessSidecar
+    tls: TlsFiles
+    loop: str
+    #: A client certificate whose SPIFFE ID the policy allows.
+    client: tuple[Path, Path]
+
+    @property
+    def socket(self) -> str:
+        return self.sidecar.socket
+
+    @property
+    def tcp_url(self) -> str:
+        return f"https://127.0.0.1:{self.tls.port}"
+
+
+@pytest.fixture(scope="module", params=LOOPS)
+def shipped(
+    request: pytest.FixtureRequest, openbao: DevOpenBao, module_tmp: Path
+) -> Iterator[Shipped]:
+    """The installed ``kms-sidecar run`` on each event loop, with a world-connectable Unix socket
+    (mode 0666) and the mTLS listener, on the shared OpenBao (keys payments and default)."""
+    loop: str = request.param
+    directory = module_tmp / loop
+    directory.mkdir()
+    tls = make_tls_files(directory)
+    (directory / "policies").mkdir()
+    (directory / "policies" / "test.toml").write_text(shipped_policy(os.getuid()))
+    # The socket in a directory every user may enter (as /run/kms-sidecar is); keys stay private.
+    sockets = module_tmp / f"run-{loop}"
+    sockets.mkdir(mode=0o755)
+    module_tmp.chmod(0o711)
+    sock = sockets / "s.sock"
+    config = directory / "sidecar.toml"
+    config.write_text(
+        f'[server]\nsocket = "{sock}"\nsocket_mode = "0666"\n'
+        f'tcp_address = "127.0.0.1:{tls.port}"\ntls_cert_file = "server.crt"\n'
+        'tls_key_file = "server.key"\ntls_client_ca_file = "ca.crt"\n'
+        f'[backend.vault]\naddresses = ["{openbao.address}"]\ntoken_env = "{TOKEN_ENV}"\n'
+        "[keys.payments]\n[keys.default]\n"
+    )
+    client = tls.client("api", spiffe_id="spiffe://example.org/ns/prod/sa/api")
+    with shipped_sidecar(config, sock, loop=loop) as sidecar:
+        yield Shipped(sidecar, tls, loop, client)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Any
 import pytest
 
 from sidecar.devserver import DevOpenBao, find_bao
-from tests.conftest import RunningSidecar, sidecar_config
+from tests.conftest import RunningSidecar, run_as_another_uid, sidecar_config
 from tests.integration.conftest import vault_sections
 
 DATAKEY = "/v1/transit/datakey/plaintext/payments"
@@ -280,36 +279,9 @@ def test_key_metadata_and_status_hold_no_key_bytes(sidecar: RunningSidecar) -> N
 
 
 def test_another_uid_is_refused(sidecar: RunningSidecar, short_tmp: Path) -> None:
-    if os.getuid() != 0 or shutil.which("setpriv") is None:
-        pytest.skip("needs root and setpriv to act as another user")
     os.chmod(sidecar.socket, 0o660)  # let gid 0 connect, so the peer check is what refuses
     os.chmod(short_tmp, 0o755)  # noqa: S103 - the socket directory, for the other uid
-    script = (
-        "import sys, json; sys.path.insert(0, sys.argv[2]);"
-        "from tests.conftest import request;"
-        "r = request(sys.argv[1], 'POST', '/v1/transit/datakey/plaintext/payments');"
-        "print(r.status, r.code)"
-    )
-    root = str(Path(__file__).parents[2])
-    import sys
-
-    out = subprocess.run(
-        [
-            "setpriv",
-            "--reuid=65534",
-            "--regid=0",
-            "--clear-groups",
-            sys.executable,
-            "-c",
-            script,
-            sidecar.socket,
-            root,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    out = run_as_another_uid(sidecar.socket)
     assert out.stdout.split() == ["403", "permission_denied"], out.stderr
 
 

@@ -6,25 +6,20 @@ certificates made by ``cryptography`` in fixtures.
 
 from __future__ import annotations
 
-import datetime
 import http.client
 import json
 import os
 import socket
 import ssl
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import jwt
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
-from sidecar.devserver import DevOpenBao, free_port
+from sidecar.devserver import DevOpenBao
 from tests.conftest import (
     TOKEN_ENV,
     RunningSidecar,
@@ -33,6 +28,7 @@ from tests.conftest import (
     sidecar_config,
     vault_sections,
 )
+from tests.pki import TlsFiles, make_tls_files, new_ca, server_cert, write_pem
 from tests.security.test_jwt import AUDIENCE, ISSUER, Keys, jwks_endpoint, keys  # fixtures
 
 __all__ = ["jwks_endpoint", "keys", "openbao"]
@@ -214,117 +210,9 @@ def test_rate_limit_answers_429_with_retry_after(guarded: RunningSidecar) -> Non
 # -- mTLS ----------------------------------------------------------------------------------
 
 
-@dataclass
-class TlsFiles:
-    dir: Path
-    port: int
-    ca_cert: Path
-    server_cert: Path
-    server_key: Path
-    ca_key: ec.EllipticCurvePrivateKey
-
-    def client(
-        self,
-        name: str,
-        *,
-        spiffe_id: str | None,
-        ca: tuple[x509.Certificate, Any] | None = None,
-        expired: bool = False,
-    ) -> tuple[Path, Path]:
-        issuer_cert, issuer_key = ca or (
-            x509.load_pem_x509_certificate(self.ca_cert.read_bytes()),
-            self.ca_key,
-        )
-        key = ec.generate_private_key(ec.SECP256R1())
-        sans: list[x509.GeneralName] = (
-            [x509.UniformResourceIdentifier(spiffe_id)] if spiffe_id else [x509.DNSName(name)]
-        )
-        cert = _cert(
-            name,
-            key.public_key(),
-            issuer_cert.subject,
-            issuer_key,
-            sans=sans,
-            expired=expired,
-            client=True,
-        )
-        return _write(self.dir, name, cert, key)
-
-
-def _cert(
-    name: str,
-    public_key: Any,
-    issuer: x509.Name,
-    signing_key: Any,
-    *,
-    sans: list[x509.GeneralName] | None = None,
-    ca: bool = False,
-    client: bool = False,
-    expired: bool = False,
-) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.timezone.utc)
-    start, end = (
-        (now - datetime.timedelta(days=30), now - datetime.timedelta(days=1))
-        if expired
-        else (now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=1))
-    )
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-        .issuer_name(issuer)
-        .public_key(public_key)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if sans:
-        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-    if not ca:
-        usage = (
-            x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH
-            if client
-            else x509.oid.ExtendedKeyUsageOID.SERVER_AUTH
-        )
-        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-    return builder.sign(signing_key, hashes.SHA256())
-
-
-def _write(directory: Path, name: str, cert: x509.Certificate, key: Any) -> tuple[Path, Path]:
-    cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
-
-
-def _new_ca(name: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    return _cert(name, key.public_key(), subject, key, ca=True), key
-
-
 @pytest.fixture
 def tls_files(short_tmp: Path) -> TlsFiles:
-    ca_cert, ca_key = _new_ca("kms test CA")
-    (short_tmp / "ca.crt").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    server_key = ec.generate_private_key(ec.SECP256R1())
-    import ipaddress
-
-    server = _cert(
-        "sidecar",
-        server_key.public_key(),
-        ca_cert.subject,
-        ca_key,
-        sans=[x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
-    )
-    cert_path, key_path = _write(short_tmp, "server", server, server_key)
-    return TlsFiles(short_tmp, free_port(), short_tmp / "ca.crt", cert_path, key_path, ca_key)
+    return make_tls_files(short_tmp)
 
 
 def mtls_request(
@@ -363,7 +251,7 @@ def test_mtls_refuses_bad_clients_at_the_handshake(
     spiffe = "spiffe://example.org/ns/prod/sa/api"
     client = {
         "no certificate": None,
-        "another CA": tls_files.client("rogue", spiffe_id=spiffe, ca=_new_ca("rogue CA")),
+        "another CA": tls_files.client("rogue", spiffe_id=spiffe, ca=new_ca("rogue CA")),
         "expired": tls_files.client("old", spiffe_id=spiffe, expired=True),
         "TLS 1.2": tls_files.client("legacy", spiffe_id=spiffe),
     }[case]
@@ -419,17 +307,8 @@ token_env = "{TOKEN_ENV}"
         wait_for(lambda: _listening(tls_files.port), proc)
         first = _served_serial(tls_files)
         ca = x509.load_pem_x509_certificate(tls_files.ca_cert.read_bytes())
-        key = ec.generate_private_key(ec.SECP256R1())
-        import ipaddress
-
-        renewed = _cert(
-            "sidecar",
-            key.public_key(),
-            ca.subject,
-            tls_files.ca_key,
-            sans=[x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
-        )
-        _write(tls_files.dir, "server", renewed, key)
+        renewed, key = server_cert(ca, tls_files.ca_key)
+        write_pem(tls_files.dir, "server", renewed, key)
         proc.send_signal(signal.SIGHUP)
         wait_for(lambda: _served_serial(tls_files) == renewed.serial_number, proc)
         assert renewed.serial_number != first

@@ -61,7 +61,6 @@ def test_full_design_example_loads(tmp_path: Path) -> None:
         ({"nonsense": {}}, "nonsense: unknown key"),
         ({"server": {"max_body_bytes": "1MB"}}, "server.max_body_bytes: expected an integer"),
         ({"server": {"max_body_bytes": True}}, "server.max_body_bytes: expected an integer"),
-        ({"server": {"socket_mode": "0666"}}, "server.socket_mode: the socket must not be open"),
         ({"server": {"socket_mode": "rw"}}, "server.socket_mode: expected an octal mode"),
         ({"auth": {"peercred": "yes"}}, "auth.peercred: expected a boolean"),
         ({"auth": {"jwt_audiences": "kms"}}, "auth.jwt_audiences: expected a list"),
