@@ -17,14 +17,13 @@ from tests.conftest import (
     ProcessSidecar,
     RunningSidecar,
     module_tmp,
-    openbao,
     shipped_sidecar,
     sidecar_config,
     vault_sections,
 )
 from tests.pki import TlsFiles, make_tls_files
 
-__all__ = ["TOKEN_ENV", "module_tmp", "openbao", "vault_sections"]
+__all__ = ["TOKEN_ENV", "module_tmp", "vault_sections"]
 
 
 @pytest.fixture

@@ -15,25 +15,11 @@ import ssl
 import stat
 from typing import Any
 
-import pytest
-
 from tests.conftest import UnixHTTPConnection, run_as_another_uid
 from tests.integration.conftest import Shipped
 
 DATAKEY = "/v1/transit/datakey/plaintext/payments"
 DECRYPT = "/v1/transit/decrypt/payments"
-
-
-def _uvloop_tls_pending(request: pytest.FixtureRequest) -> None:
-    """Until the per-connection identity cache holds uvloop's SSL transports (issue 10, fixed in
-    the request pipeline), the mTLS listener answers 500 on uvloop."""
-    if request.node.callspec.params.get("shipped") == "uvloop":
-        request.applymarker(pytest.mark.xfail(reason="identity cache vs uvloop SSL transport"))
-
-
-@pytest.fixture
-def mtls(request: pytest.FixtureRequest) -> None:
-    _uvloop_tls_pending(request)
 
 
 def mtls_connection(
@@ -98,7 +84,7 @@ def test_unix_socket_round_trips_on_one_connection(shipped: Shipped) -> None:
         conn.close()
 
 
-def test_mtls_listener_round_trips_on_one_connection(shipped: Shipped, mtls: None) -> None:
+def test_mtls_listener_round_trips_on_one_connection(shipped: Shipped) -> None:
     conn = mtls_connection(shipped, shipped.client)
     try:
         round_trips(conn)
@@ -108,7 +94,7 @@ def test_mtls_listener_round_trips_on_one_connection(shipped: Shipped, mtls: Non
         conn.close()
 
 
-def test_mtls_caller_outside_the_policy_is_refused(shipped: Shipped, mtls: None) -> None:
+def test_mtls_caller_outside_the_policy_is_refused(shipped: Shipped) -> None:
     staging = shipped.tls.client("stg", spiffe_id="spiffe://example.org/ns/staging/sa/api")
     conn = mtls_connection(shipped, staging)
     try:
@@ -118,7 +104,7 @@ def test_mtls_caller_outside_the_policy_is_refused(shipped: Shipped, mtls: None)
     assert status == 403 and body["code"] == "permission_denied", body
 
 
-def test_many_connections_one_after_another(shipped: Shipped, mtls: None) -> None:
+def test_many_connections_one_after_another(shipped: Shipped) -> None:
     """Each new connection is identified afresh (the per-connection identity cache)."""
     for _ in range(20):
         conn = mtls_connection(shipped, shipped.client)

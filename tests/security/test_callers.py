@@ -23,7 +23,6 @@ from sidecar.devserver import DevOpenBao
 from tests.conftest import (
     TOKEN_ENV,
     RunningSidecar,
-    openbao,
     request,
     sidecar_config,
     vault_sections,
@@ -31,7 +30,7 @@ from tests.conftest import (
 from tests.pki import TlsFiles, make_tls_files, new_ca, server_cert, write_pem
 from tests.security.test_jwt import AUDIENCE, ISSUER, Keys, jwks_endpoint, keys  # fixtures
 
-__all__ = ["jwks_endpoint", "keys", "openbao"]
+__all__ = ["jwks_endpoint", "keys"]
 
 UID = os.getuid()
 DATAKEY = "/v1/transit/datakey/plaintext/payments"

@@ -10,10 +10,10 @@ from __future__ import annotations
 from typing import Any
 
 from sidecar.keys import envelope
-from tests.conftest import RunningSidecar, openbao
+from tests.conftest import RunningSidecar
 from tests.integration.conftest import sidecar
 
-__all__ = ["openbao", "sidecar"]
+__all__ = ["sidecar"]
 
 
 def wrapped_kek_of(blob: str) -> str:

@@ -28,11 +28,11 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from sidecar.cli import dev_policy
 from sidecar.devserver import DevOpenBao
 from sidecar.keys import envelope
-from tests.conftest import TOKEN_ENV, openbao, request, sidecar_process
+from tests.conftest import TOKEN_ENV, request, sidecar_process
 from tests.integration.softhsm import SOFTHSM_MODULE, SoftHsm, softhsm_missing
 from tests.integration.test_observability import OtlpReceiver, otlp
 
-__all__ = ["openbao", "otlp"]
+__all__ = ["otlp"]
 
 ISSUER = "https://issuer.test"
 AUDIENCE = "kms-sidecar"
