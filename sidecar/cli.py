@@ -171,7 +171,7 @@ def cmd_audit_hash(args: argparse.Namespace) -> int:
 def cmd_dev(args: argparse.Namespace) -> int:
     """OpenBao dev server + sidecar, with a config, token file and audit log others can use."""
     from sidecar.config import TelemetryConfig
-    from sidecar.devmode import DEV_KEY, DevDirectory
+    from sidecar.devmode import DEV_KEY, DEV_SIGNING_KEY, DevDirectory
     from sidecar.devserver import DevOpenBao
     from sidecar.server.run import run
     from sidecar.telemetry import setup_logging
@@ -179,6 +179,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
     setup_logging(TelemetryConfig())
     with DevOpenBao() as bao:
         bao.create_key(DEV_KEY)
+        bao.create_key(DEV_SIGNING_KEY, key_type="ecdsa-p256")
         workdir = DevDirectory.create(
             bao_address=bao.address, bao_token=bao.root_token, socket=args.socket
         )

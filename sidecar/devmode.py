@@ -26,8 +26,10 @@ from pathlib import Path
 
 from sidecar import __version__
 
-#: The key ``kms-sidecar dev`` creates upstream and configures.
+#: The key ``kms-sidecar dev`` creates upstream and configures for data keys.
 DEV_KEY = "default"
+#: The signing key it creates too (transit ``ecdsa-p256``), for docs/signing.md.
+DEV_SIGNING_KEY = "signing"
 
 
 def dev_policy(uid: int) -> str:
@@ -130,7 +132,9 @@ type = "vault"
 addresses = ["{bao_address}"]   # the embedded OpenBao dev server
 token_file = "bao-token"         # its root token
 
-[keys.{DEV_KEY}]
+[keys.{DEV_KEY}]                  # aes256-gcm96: data keys, encrypt, decrypt, rewrap
+
+[keys.{DEV_SIGNING_KEY}]                  # ecdsa-p256: sign, verify, JWKS
 
 [policies]
 dir = "policies"
@@ -163,7 +167,8 @@ path = "audit.jsonl"
                 "  BAO_CONFIG_PATH to a config that sends none (or remove that file).\n"
             )
         return f"""
-kms-sidecar {__version__} (dev) — embedded OpenBao at {bao_address}, key "{DEV_KEY}"
+kms-sidecar {__version__} (dev) — embedded OpenBao at {bao_address}
+keys: "{DEV_KEY}" (data keys), "{DEV_SIGNING_KEY}" (ecdsa-p256: sign, verify, JWKS)
 socket: {self.socket}
 config: {self.config}
 audit:  {self.audit}

@@ -34,6 +34,17 @@ def find_bao() -> str:
     return found
 
 
+def _die_with_parent() -> None:
+    """In the child before ``exec``: Linux sends it SIGTERM when its parent dies, so a killed
+    ``kms-sidecar dev`` (or test run) never leaves an OpenBao behind."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -72,6 +83,7 @@ class DevOpenBao:
                 stdin=subprocess.DEVNULL,
                 env=env,
                 cwd=self._home,
+                preexec_fn=_die_with_parent,  # only a prctl before exec
             )
         deadline = time.monotonic() + timeout
         while True:
