@@ -162,12 +162,15 @@ dir = "policies"
 
 def test_dev_command_prints_socket_and_serves(short_tmp: Path) -> None:
     sock = str(short_tmp / "dev.sock")
+    home = short_tmp / "home"  # no ~/.vault-token here, so the bao line has no work-around
+    home.mkdir()
     with (
         subprocess.Popen(
             [sys.executable, "-m", "sidecar", "dev", "--socket", sock],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
+            env={**os.environ, "HOME": str(home)},
         ) as proc,
         killed_on_exit(proc),
     ):
