@@ -28,6 +28,9 @@ from sidecar import __version__
 
 #: The key ``kms-sidecar dev`` creates upstream and configures for data keys.
 DEV_KEY = "default"
+#: How often dev re-reads its keys upstream: short, so rotations, ``min_decryption_version``
+#: and destruction made upstream show at once when trying the docs.
+DEV_POLL = "2s"
 #: The signing key it creates too (transit ``ecdsa-p256``), for docs/signing.md.
 DEV_SIGNING_KEY = "signing"
 
@@ -133,8 +136,10 @@ addresses = ["{bao_address}"]   # the embedded OpenBao dev server
 token_file = "bao-token"         # its root token
 
 [keys.{DEV_KEY}]                  # aes256-gcm96: data keys, encrypt, decrypt, rewrap
+root_poll_interval = "{DEV_POLL}"           # upstream changes show within {DEV_POLL} (default 30s)
 
 [keys.{DEV_SIGNING_KEY}]                  # ecdsa-p256: sign, verify, JWKS
+root_poll_interval = "{DEV_POLL}"
 
 [policies]
 dir = "policies"
