@@ -342,7 +342,8 @@ async def _decide(
 
 
 def _batch_result(item: Mapping[str, Any], outcome: Outcome) -> dict[str, Any]:
-    """One entry of ``batch_results``: the item's data or error, with its ``reference``."""
+    """One entry of ``batch_results``: the item's data or error, and its ``reference`` (``""``
+    when it sent none, as OpenBao answers)."""
     error, done = outcome.error, outcome.done
     if error is not None:
         result: dict[str, Any] = {"error": error.message, "code": error.code}
@@ -350,8 +351,7 @@ def _batch_result(item: Mapping[str, Any], outcome: Outcome) -> dict[str, Any]:
         assert done is not None
         result = dict(done.data)
     reference = item.get("reference")
-    if reference is not None:
-        result["reference"] = reference
+    result["reference"] = "" if reference is None else reference
     return result
 
 

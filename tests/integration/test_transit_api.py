@@ -214,6 +214,7 @@ def test_batch_with_one_bad_item(sidecar: RunningSidecar) -> None:
     assert results[1] == {
         "error": "The ciphertext could not be decrypted.",
         "code": "decryption_failed",
+        "reference": "",
     }
     assert results[2]["plaintext"] == second["plaintext"]
     partial = sidecar.request(

@@ -154,7 +154,11 @@ async def test_a_failing_batch_item_does_not_fail_the_others(
     assert status == 500
     results = body["data"]["batch_results"]
     assert "plaintext" in results[0] and "plaintext" in results[2]
-    assert results[1] == {"error": "The sidecar failed to handle the request.", "code": "internal"}
+    assert results[1] == {
+        "error": "The sidecar failed to handle the request.",
+        "code": "internal",
+        "reference": "",
+    }
     assert [r["outcome"] for r in records] == ["ok", "error", "ok"]
     assert "a bug" not in str(body)
 
