@@ -898,6 +898,10 @@ def run_bench(args: argparse.Namespace) -> int:
                 sidecar = measure_sidecar(bench, bao)
                 starts.append(sidecar.start_seconds)
                 issuance = issuance_run(bench, bao, args.issuances) if args.issuances else None
+                if not args.no_client:
+                    from bench.bench_client import measure_client
+
+                    client = measure_client(bench, bao, bao_pid)
             finally:
                 bao.stop()
         finally:
@@ -907,6 +911,12 @@ def run_bench(args: argparse.Namespace) -> int:
     errors = sum(p.round_errors for p in bench.phases.values())
     errors += issuance["errors"] if issuance else 0
     print_report(bench, sidecar, starts, issuance, targets, errors)
+    if not args.no_client:
+        from bench.bench_client import client_json, client_targets, print_client_report
+
+        client_figures = client_targets(client)
+        print_client_report(bench, client, client_figures)
+        errors += sum(p.round_errors for p in client.phases.values())
     if args.json:
         figures = {
             "duration_seconds": args.duration,
@@ -925,6 +935,8 @@ def run_bench(args: argparse.Namespace) -> int:
             ],
             "errors": errors,
         }
+        if not args.no_client:
+            figures["client"] = client_json(client, client_figures)
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
         print(f"\nfigures written to {args.json}")
     return 1 if errors else 0
@@ -966,6 +978,11 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         metavar="N",
         help="measure every phase N times and keep the round of median req/s (default: 1)",
+    )
+    parser.add_argument(
+        "--no-client",
+        action="store_true",
+        help="skip the client SDK phases (bench.bench_client, DESIGN §11)",
     )
     parser.add_argument("--json", metavar="FILE", help="also write every figure to FILE")
     parser.add_argument("--serve", choices=("bare", "canned"), help=argparse.SUPPRESS)

@@ -51,6 +51,8 @@ DEFAULT_MAX_AGE = 5.0
 #: The most keys one refill asks for: the sidecar's default ``max_batch_items``.
 MAX_BATCH = 1000
 
+_tuple_new = tuple.__new__  # DataKey without the named tuple's Python-level __new__
+
 #: A monotonic clock in seconds; injectable so tests can age keys without sleeping.
 Clock = Callable[[], float]
 
@@ -127,17 +129,13 @@ class _PoolCore:
         while held:
             issued_at, plaintext, ciphertext, key_version, expires_at = held.popleft()
             if now - issued_at < self.max_age:
-                key = DataKey(bytes(plaintext), ciphertext, key_version, expires_at)
+                key = _tuple_new(DataKey, (bytes(plaintext), ciphertext, key_version, expires_at))
                 plaintext[:] = self.zeros
                 self.taken += 1
                 return key
             plaintext[:] = self.zeros
             self.expired += 1
         return None
-
-    def wants_refill(self) -> bool:
-        """Whether the refiller has work now (cheap: called after every take)."""
-        return not self.in_flight and self.size - len(self.held) >= self.low
 
     def refill_size(self) -> int:
         """How many keys to ask for now (0: none), dropping expired keys first."""
@@ -266,7 +264,8 @@ class KeyPool:
         )
         self._transport = transport
         self._wait_limit = transport.timeout + 1.0
-        self._changed = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
         self._thread = threading.Thread(
             target=self._refill_loop, name=f"kms-sidecar key pool {key}", daemon=True
         )
@@ -301,14 +300,14 @@ class KeyPool:
         if no key arrived in time, ``RuntimeError`` once the pool is closed.
         """
         core = self._core
-        with self._changed:
+        with self._lock:  # the plain lock: ``with`` on the Condition costs a Python call
             if core.closed:
                 raise RuntimeError("The key pool is closed.")
             key = core.pop()
             if key is None:
                 return self._take_waiting()
-            if core.wants_refill():
-                self._changed.notify_all()
+            if not core.in_flight and core.size - len(core.held) >= core.low:
+                self._changed.notify()
             return key
 
     def stats(self) -> PoolStats:
@@ -434,7 +433,7 @@ class AsyncKeyPool:
         key = core.pop()
         if key is None:
             return await self._take_waiting()
-        if core.wants_refill():
+        if not core.in_flight and core.size - len(core.held) >= core.low:
             self._wake.set()
         return key
 
