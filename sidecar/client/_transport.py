@@ -18,6 +18,7 @@ one is dropped, each issuance audited.
 from __future__ import annotations
 
 import asyncio
+import collections
 import socket
 import threading
 import time
@@ -111,7 +112,7 @@ class _AnswerReader:
     # -- httptools callbacks ---------------------------------------------------------------
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if name.lower() == b"retry-after":
+        if len(name) == 11 and name.lower() == b"retry-after":
             self.retry_after = value.decode("latin-1")
 
     def on_body(self, body: bytes) -> None:
@@ -232,8 +233,8 @@ class UnixTransport:
 class _Connection(asyncio.Protocol):
     """One kept-alive connection of ``AsyncUnixTransport``: one request in flight at a time."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+    def __init__(self, owner: AsyncUnixTransport) -> None:
+        self._owner = owner
         self._transport: asyncio.Transport | None = None
         self._reader = _AnswerReader()
         self._waiter: asyncio.Future[RawAnswer] | None = None
@@ -248,18 +249,12 @@ class _Connection(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)
         self.open = True
 
-    async def exchange(self, request: bytes, timeout: float) -> RawAnswer:
+    def start(self, request: bytes, waiter: asyncio.Future[RawAnswer]) -> None:
+        """Write ``request``; ``waiter`` gets the answer, or the reason there is none."""
         assert self._transport is not None
         self._reader.reset()
-        waiter: asyncio.Future[RawAnswer] = self._loop.create_future()
         self._waiter = waiter
         self._transport.write(request)
-        timer = self._loop.call_later(timeout, self._fail, TimeoutError())
-        try:
-            return await waiter
-        finally:
-            timer.cancel()
-            self._waiter = None
 
     def data_received(self, data: bytes) -> None:
         waiter = self._waiter
@@ -269,21 +264,20 @@ class _Connection(asyncio.Protocol):
         try:
             done = self._reader.feed(data)
         except _Broken as exc:
-            self._fail(exc)
+            self.fail(exc)
             return
         if done:
+            self._waiter = None
             waiter.set_result(self._reader.answer())
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.open = False
         self._transport = None
-        if self._reader.started:
-            self._fail(_Broken("closed mid-answer"))
-        else:
-            self._fail(_Dropped())
+        self.fail(_Broken("closed mid-answer") if self._reader.started else _Dropped())
+        self._owner._lost()
 
-    def _fail(self, error: BaseException) -> None:
-        waiter = self._waiter
+    def fail(self, error: BaseException) -> None:
+        waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_exception(error)
         self.abort()
@@ -303,7 +297,8 @@ class AsyncUnixTransport:
     """Requests over kept-alive connections, at most ``max_connections`` open at once.
 
     ``headers`` go with every request. Connections are made on first use and belong to that
-    event loop; a request from another loop raises ``RuntimeError``.
+    event loop; a request from another loop raises ``RuntimeError``. When all are busy, a
+    request waits for one to be free (within its ``timeout``).
     """
 
     def __init__(
@@ -318,36 +313,36 @@ class AsyncUnixTransport:
             raise ValueError("max_connections must be at least 1")
         self.socket_path = socket_path
         self.timeout = timeout
+        self.max_connections = max_connections
         self._head = encode_head(headers)
         self._idle: list[_Connection] = []
         self._busy: set[_Connection] = set()
-        self._slots = max_connections
-        self._slots_free: asyncio.Semaphore | None = None
+        #: Connections opening or open (a lost one is counted out by ``_lost``).
+        self._count = 0
+        self._waiting: collections.deque[asyncio.Future[None]] = collections.deque()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
 
     async def send(self, method: str, path: str, body: bytes | None) -> RawAnswer:
         request = encode_request(method, path, body, self._head)
-        slots = self._enter()
-        await slots.acquire()
-        try:
-            connection = self._take_idle()
-            reused = connection is not None
-            if connection is None:
-                connection = await self._connect()
+        if self._closed:
+            raise RuntimeError("The client is closed.")
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            if self._loop is not None:
+                raise RuntimeError("The client's connections belong to another event loop.")
+            self._loop = loop
+        connection = self._take_idle()
+        if connection is not None:
             try:
-                answer = await self._exchange(connection, request)
+                return await self._exchange(connection, request)
             except _Dropped:
-                if not reused:
-                    raise self._failure(ConnectionResetError()) from None
-                connection = await self._connect()
-                try:
-                    answer = await self._exchange(connection, request)
-                except _Dropped:
-                    raise self._failure(ConnectionResetError()) from None
-            return answer
-        finally:
-            slots.release()
+                pass  # the sidecar closed it while idle: once more on a fresh connection
+        connection = await self._connect()
+        try:
+            return await self._exchange(connection, request)
+        except _Dropped:
+            raise self._failure(ConnectionResetError()) from None
 
     async def aclose(self) -> None:
         self._closed = True
@@ -357,18 +352,6 @@ class AsyncUnixTransport:
         self._busy.clear()
         await asyncio.sleep(0)  # lets the transports run connection_lost
 
-    def _enter(self) -> asyncio.Semaphore:
-        if self._closed:
-            raise RuntimeError("The client is closed.")
-        loop = asyncio.get_running_loop()
-        if self._loop is None:
-            self._loop = loop
-            self._slots_free = asyncio.Semaphore(self._slots)
-        elif loop is not self._loop:
-            raise RuntimeError("The client's connections belong to another event loop.")
-        assert self._slots_free is not None
-        return self._slots_free
-
     def _take_idle(self) -> _Connection | None:
         while self._idle:
             connection = self._idle.pop()
@@ -377,37 +360,79 @@ class AsyncUnixTransport:
         return None
 
     async def _exchange(self, connection: _Connection, request: bytes) -> RawAnswer:
+        assert self._loop is not None
+        waiter: asyncio.Future[RawAnswer] = self._loop.create_future()
         self._busy.add(connection)
+        connection.start(request, waiter)
+        timer = self._loop.call_later(self.timeout, connection.fail, _TimedOut())
         try:
-            answer = await connection.exchange(request, self.timeout)
-        except TimeoutError:
+            answer = await waiter
+        except _TimedOut:
             raise self._failure(TimeoutError()) from None
         except _Broken as exc:
             raise _broken(self.socket_path, str(exc)) from None
         except BaseException:
-            connection.abort()  # cancelled mid-answer: what is left of it must not be read
+            connection.abort()  # cancelled mid-answer (or dropped): what is left must not be read
             raise
         finally:
+            timer.cancel()
             self._busy.discard(connection)
         if connection.reusable and not self._closed:
             self._idle.append(connection)
+            if self._waiting:
+                self._wake_one()
         else:
             connection.close()
         return answer
 
     async def _connect(self) -> _Connection:
         assert self._loop is not None
-        loop = self._loop
+        deadline = self._loop.time() + self.timeout
+        while self._count >= self.max_connections:
+            # Every connection is busy: wait for one to come back (or be lost), then take it.
+            ready: asyncio.Future[None] = self._loop.create_future()
+            self._waiting.append(ready)
+            try:
+                await asyncio.wait_for(ready, max(0.0, deadline - self._loop.time()))
+            except (TimeoutError, asyncio.TimeoutError):
+                raise self._failure(TimeoutError()) from None
+            finally:
+                if not ready.done():
+                    ready.cancel()
+            idle = self._take_idle()
+            if idle is not None:
+                return idle
+        self._count += 1
         try:
             _, connection = await asyncio.wait_for(
-                loop.create_unix_connection(lambda: _Connection(loop), self.socket_path),
-                self.timeout,
+                self._loop.create_unix_connection(lambda: _Connection(self), self.socket_path),
+                max(0.0, deadline - self._loop.time()),
             )
         except (TimeoutError, asyncio.TimeoutError):
+            self._lost()
             raise self._failure(TimeoutError()) from None
         except OSError as exc:
+            self._lost()
             raise self._failure(exc) from exc
+        except BaseException:
+            self._lost()
+            raise
         return connection
+
+    def _lost(self) -> None:
+        self._count -= 1
+        self._wake_one()
+
+    def _wake_one(self) -> None:
+        while self._waiting:
+            ready = self._waiting.popleft()
+            if not ready.done():
+                ready.set_result(None)
+                return
 
     def _failure(self, error: OSError) -> SidecarUnreachable:
         return connection_failure(self.socket_path, error, timeout=self.timeout)
+
+
+class _TimedOut(Exception):
+    """No whole answer within the timeout (set on the waiter by the request's timer)."""

@@ -307,8 +307,16 @@ class _Opening:
         out = []
         for header, source, dek in zip(self._headers, self._sources, self._deks, strict=True):
             assert dek is not None
+            rest = source.read()
+            if _TAG_SIZE <= len(rest) <= header.segment_size + _TAG_SIZE:
+                # One segment, the final one: what ``_open`` does, without its read-ahead loop.
+                try:
+                    out.append(_aead(dek).decrypt(_nonce(header, 0), rest, _aad(header, 0, True)))
+                except InvalidTag:
+                    raise DecryptionFailed(cause="segment 0 failed authentication") from None
+                continue
             plaintext = io.BytesIO()
-            _open(_aead(dek), header, source, plaintext)
+            _open(_aead(dek), header, io.BytesIO(rest), plaintext)
             out.append(plaintext.getvalue())
         return out
 

@@ -64,6 +64,8 @@ class FakeSidecar:
     hang: bool = False
     release: asyncio.Event = field(default_factory=asyncio.Event)
     seen: list[Seen] = field(default_factory=list)
+    #: The transport of every connection a request came on (kept, so ids stay unique).
+    connections: list[Any] = field(default_factory=list)
     runner: web.AppRunner | None = None
 
     async def start(self) -> None:
@@ -96,6 +98,8 @@ class FakeSidecar:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         raw_body = await request.read()
+        if all(request.transport is not t for t in self.connections):
+            self.connections.append(request.transport)
         self.seen.append(
             Seen(
                 request.method,
@@ -353,7 +357,11 @@ async def test_many_concurrent_calls_share_a_bounded_set_of_connections(
     fake.answer(200, {"data": {"ok": 1}})
     async with AsyncClient(fake.socket_path) as client:
         results = await asyncio.gather(*(client.status() for _ in range(200)))
-    assert results == [{"ok": 1}] * 200
+        assert results == [{"ok": 1}] * 200
+        assert 1 < len(fake.connections) <= 64  # concurrent, and never more than the bound
+        again = await asyncio.gather(*(client.status() for _ in range(50)))
+        assert again == [{"ok": 1}] * 50
+    assert len(fake.connections) <= 64  # the kept-alive ones were reused
 
 
 async def test_health_not_ready_is_an_answer_with_the_reason(
