@@ -35,7 +35,9 @@ async def kms_v2_server(
     """
     kms = config.kms_v2
     path = config.resolve_path(kms.socket)
-    with unix_listener(path, kms.socket_mode_bits, kms.socket_group) as sock:
+    with unix_listener(
+        path, kms.socket_mode_bits, kms.socket_group, setting="kms_v2.socket"
+    ) as sock:
         server = Server([provider])
         await server.start(sock=sock)
         log.info("KMS v2 provider for key %s on %s", provider.key_name, path)
