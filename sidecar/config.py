@@ -75,6 +75,13 @@ class ServerConfig:
     tls_key_file: str = ""
     tls_client_ca_file: str = ""
     drain_timeout: float = _duration("10s")
+    #: Connection bounds (see docs/configuration.md and sidecar/server/connections.py).
+    idle_timeout: float = _duration("60s")
+    header_timeout: float = _duration("10s")
+    body_timeout: float = _duration("30s")
+    max_connections: int = 1024
+    max_connections_per_uid: int = 256
+    listen_backlog: int = 1024
 
     @property
     def socket_mode_bits(self) -> int:
@@ -291,7 +298,17 @@ def _validate(config: Config) -> None:
     server = config.server
     if not re.fullmatch(r"0?[0-7]{3}", server.socket_mode):
         raise ConfigError("server.socket_mode: expected an octal mode such as '0660'")
-    for name in ("max_body_bytes", "max_plaintext_bytes", "max_batch_items"):
+    for name in (
+        "max_body_bytes",
+        "max_plaintext_bytes",
+        "max_batch_items",
+        "max_connections",
+        "max_connections_per_uid",
+        "listen_backlog",
+        "idle_timeout",
+        "header_timeout",
+        "body_timeout",
+    ):
         if getattr(server, name) <= 0:
             raise ConfigError(f"server.{name}: must be positive")
     if server.tcp_address:

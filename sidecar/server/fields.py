@@ -157,11 +157,11 @@ def batch_items(body: Mapping[str, Any], limit: int) -> list[Mapping[str, Any]] 
 def status_code_field(body: Mapping[str, Any], name: str) -> int | None:
     """An HTTP status the caller asks for (Vault's ``partial_failure_response_code``): an integer
     (or a string of ASCII digits) from 200 to 599, or ``None`` when absent."""
-    value = body.get(name)
-    if value is None or value == "":
-        return None
-    if isinstance(value, str) and value.isascii() and value.isdigit():
-        value = int(value)
-    if not isinstance(value, int) or isinstance(value, bool) or not 200 <= value <= 599:
-        raise InvalidRequest(f"Field '{name}' must be an HTTP status code from 200 to 599.")
+    message = f"Field '{name}' must be an HTTP status code from 200 to 599."
+    try:
+        value = integer_value(body.get(name), name)
+    except InvalidRequest:
+        raise InvalidRequest(message) from None
+    if value is not None and not 200 <= value <= 599:
+        raise InvalidRequest(message)
     return value

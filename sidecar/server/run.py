@@ -25,6 +25,12 @@ from sidecar.keys.signing import Signer
 from sidecar.kms.server import kms_v2_provider, kms_v2_server
 from sidecar.policy.authorizer import PolicyAuthorizer
 from sidecar.server.app import build_app
+from sidecar.server.connections import (
+    BoundedSite,
+    ConnectionBounds,
+    ConnectionLimits,
+    tcp_listener,
+)
 from sidecar.server.eventloop import loop_name, loop_runner
 from sidecar.server.listener import unix_listener
 from sidecar.server.services import Services
@@ -160,12 +166,17 @@ async def serve(
     await runner.setup()
     try:
         socket_path = config.resolve_path(server.socket)
-        with unix_listener(socket_path, server.socket_mode_bits, server.socket_group) as sock:
-            await web.SockSite(runner, sock).start()
+        bounds = ConnectionBounds(ConnectionLimits.from_config(server))
+        services.metrics.registry.register(bounds.collector())
+        backlog = server.listen_backlog
+        with unix_listener(
+            socket_path, server.socket_mode_bits, server.socket_group, backlog
+        ) as sock:
+            await BoundedSite(runner, sock, bounds=bounds, backlog=backlog).start()
             if tls is not None:
-                host, _, port = server.tcp_address.rpartition(":")
-                await web.TCPSite(
-                    runner, host.strip("[]"), int(port), ssl_context=tls.context
+                tcp = tcp_listener(server.tcp_address, backlog)
+                await BoundedSite(
+                    runner, tcp, bounds=bounds, backlog=backlog, ssl_context=tls.context
                 ).start()
             if config.kms_v2.enabled:  # its own socket, same loop; drained before the audit closes
                 provider = kms_v2_provider(

@@ -185,6 +185,8 @@ def api_request(draw: st.DrawFn, blobs: list[str]) -> tuple[str, str, bytes, dic
 
 
 def check_reply(sidecar: InProcessSidecar, method: str, path: str, reply: Reply) -> None:
+    if reply.status >= 500 and b'"batch_results"' in reply.raw:
+        return  # the status the caller chose with partial_failure_response_code, as in Vault
     assert reply.status < 500, (method, path, reply.status, reply.raw[:300])
     assert reply.status >= 200
     for kek in sidecar.keks():

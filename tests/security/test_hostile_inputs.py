@@ -157,3 +157,12 @@ def test_a_malformed_version_in_a_ciphertext_is_not_a_crash(
 ) -> None:
     reply, body = post(sidecar, "/v1/transit/decrypt/payments", {"ciphertext": blob})
     assert 400 <= reply.status < 500, body
+
+
+@pytest.mark.parametrize("code", ["9" * 5000, "²", 2.5e2, "Infinity", True, 199, 600])
+def test_a_bad_partial_failure_response_code_is_a_400(sidecar: InProcessSidecar, code: Any) -> None:
+    reply, body = post(
+        sidecar, DATAKEY, {"batch_input": [{}], "partial_failure_response_code": code}
+    )
+    assert (reply.status, body["code"]) == (400, "invalid_request")
+    assert body["errors"][0].startswith("Field 'partial_failure_response_code' must be")
