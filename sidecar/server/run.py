@@ -172,12 +172,6 @@ async def serve(
         with unix_listener(
             socket_path, server.socket_mode_bits, server.socket_group, backlog
         ) as sock:
-            await BoundedSite(runner, sock, bounds=bounds, backlog=backlog).start()
-            if tls is not None:
-                tcp = tcp_listener(server.tcp_address, backlog)
-                await BoundedSite(
-                    runner, tcp, bounds=bounds, backlog=backlog, ssl_context=tls.context
-                ).start()
             if config.kms_v2.enabled:  # its own socket, same loop; drained before the audit closes
                 provider = kms_v2_provider(
                     config,
@@ -191,6 +185,12 @@ async def serve(
                 await kms_v2.enter_async_context(
                     kms_v2_server(config, provider, drain_timeout=server.drain_timeout)
                 )
+            await BoundedSite(runner, sock, bounds=bounds, backlog=backlog).start()
+            if tls is not None:
+                tcp = tcp_listener(server.tcp_address, backlog)
+                await BoundedSite(
+                    runner, tcp, bounds=bounds, backlog=backlog, ssl_context=tls.context
+                ).start()
             for sig, handler in handlers.items():
                 with contextlib.suppress(NotImplementedError, RuntimeError):
                     loop.add_signal_handler(sig, handler)

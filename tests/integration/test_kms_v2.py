@@ -27,6 +27,7 @@ import pytest
 from sidecar.backends.memory import MemoryBackend
 from sidecar.cli import dev_policy
 from sidecar.devserver import DevOpenBao
+from sidecar.errors import ConfigError
 from sidecar.kms.provider import MAX_CIPHERTEXT_BYTES, MAX_PLAINTEXT_BYTES
 from tests.conftest import (
     TOKEN_ENV,
@@ -417,3 +418,13 @@ dir = "policies"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     assert not os.path.exists(kms_sock) and not os.path.exists(sock)
+
+
+def test_a_kms_socket_path_taken_by_a_file_stops_start_up_naming_it(
+    openbao: DevOpenBao, run_sidecar: Any, short_tmp: Path, root_key: str
+) -> None:
+    taken = short_tmp / "a-kms.sock"
+    taken.write_text("not a socket")
+    with pytest.raises(ConfigError, match=r"^kms_v2\.socket: .* is not a socket"):
+        run_sidecar(kms_config(short_tmp, openbao, root_key))
+    assert taken.read_text() == "not a socket"
