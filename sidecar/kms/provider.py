@@ -366,7 +366,15 @@ class KmsV2Provider(KeyManagementServiceBase):
         except asyncio.TimeoutError:
             log.warning("KMS v2: %d calls still in flight after the drain", self._in_flight)
             return False
+        finally:
+            self._close_connections()
         return True
+
+    def _close_connections(self) -> None:
+        """Close the connections calls came on: grpclib's server stops listening and cancels its
+        handlers, but leaves open connections to the event loop's end."""
+        for transport in list(self._connections):
+            transport.close()
 
 
 def _transport(stream: Stream[Any, Any]) -> Any:

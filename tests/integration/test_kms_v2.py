@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -257,6 +258,18 @@ def test_rotation_changes_the_key_id_and_old_seeds_still_open(
 OUTAGE_TOKEN_ENV = "KMS_SIDECAR_TEST_KMS_OUTAGE_TOKEN"
 
 
+def _accepts(path: str) -> bool:
+    """Whether a server listens on the socket at ``path`` (it exists a moment before it does)."""
+    probe = socket.socket(socket.AF_UNIX)
+    try:
+        probe.connect(path)
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
 @pytest.fixture
 def doomed_bao() -> Iterator[DevOpenBao]:
     """A dev server of this test's own, since the test kills it."""
@@ -407,7 +420,7 @@ dir = "policies"
     )
     sock, kms_sock = str(short_tmp / "r.sock"), str(short_tmp / "r-kms.sock")
     with sidecar_process(config_file, sock) as proc:
-        wait_for(lambda: os.path.exists(kms_sock), proc)
+        wait_for(lambda: _accepts(kms_sock), proc)
         with ApiServer(kms_sock) as apiserver:
             seed = os.urandom(32)
             assert apiserver.decrypt(apiserver.encrypt(seed).ciphertext) == seed
