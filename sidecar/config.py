@@ -169,7 +169,7 @@ class TelemetryConfig:
 
 @dataclass(frozen=True)
 class KmsV2Config:
-    """The Kubernetes KMS v2 provider (DESIGN §12): off while ``key`` is empty."""
+    """The Kubernetes KMS v2 provider (see docs/kubernetes.md): off while ``key`` is empty."""
 
     socket: str = "/run/kms-sidecar/kms-v2.sock"
     socket_mode: str = "0600"

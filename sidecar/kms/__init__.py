@@ -1,1 +1,1 @@
-"""The Kubernetes KMS v2 provider (DESIGN §12)."""
+"""The Kubernetes KMS v2 provider: kube-apiserver's key manager on a second Unix socket."""
