@@ -3,8 +3,9 @@ item of a batch).
 
 * :func:`audit_record` builds a record from a fixed set of facts, HMAC-ing context values and
   subjects; :func:`hash_value` computes the same HMAC for a value an auditor already knows.
-* :class:`AuditLog` writes records, group-committed and fsync'd off the event loop, rotates the
-  file by size and recovers a record torn by a crash.
+* :class:`AuditLog` (``log``) writes records, group-committed and fsync'd off the event loop,
+  through the file in ``sink`` (locked, rotated by size); ``recovery`` continues the chain after a
+  crash and sets aside a torn record.
 * :func:`verify` checks the chain through a set of files (and against the running sidecar's
   ``head``); :func:`verify_command` and :func:`hash_command` are the CLI's ``audit verify`` and
   ``audit hash``.
