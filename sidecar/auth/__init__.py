@@ -1,8 +1,11 @@
-"""Authenticating callers: JWT verification (``jwt``) and the server's adapter (``caller``).
+"""Authenticating callers: JWT verification and the server's adapter (``caller``).
 
-The server reads the connection's peer credentials and mTLS certificate itself.
+``jwt_keys`` reads signing keys, ``jwks`` says where they come from and when they are read
+again, ``jwt`` verifies tokens against them. The server reads the connection's peer credentials
+and mTLS certificate itself.
 """
 
-from sidecar.auth.jwt import ASYMMETRIC_ALGORITHMS, JwtVerifier, VerificationKey
+from sidecar.auth.jwt import JwtVerifier
+from sidecar.auth.jwt_keys import ASYMMETRIC_ALGORITHMS, VerificationKey
 
 __all__ = ["ASYMMETRIC_ALGORITHMS", "JwtVerifier", "VerificationKey"]

@@ -24,8 +24,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
-import sidecar.auth.jwt as jwt_module
 from sidecar.auth import JwtVerifier
+from sidecar.auth.jwks import JWKS_MAX_AGE
 from sidecar.config import AuthConfig
 from sidecar.errors import ConfigError, Unauthenticated
 
@@ -516,10 +516,10 @@ async def test_stale_jwks_keys_are_refreshed_in_the_background(
     try:
         token = mint(keys.rsa_key, "RS256", "rsa-1", exp=int(NOW) + 3600)
         await verifier.verify(token)
-        later = NOW + jwt_module.JWKS_MAX_AGE + 1
+        later = NOW + JWKS_MAX_AGE + 1
         # The request is answered with the keys at hand; the refresh does not hold it up.
         await verifier.verify(mint(keys.rsa_key, "RS256", "rsa-1", jti="y"), now=later)
-        background = verifier._background
+        background = verifier.sources._background
         assert background is not None
         await background
         assert jwks_endpoint.fetches == 2
