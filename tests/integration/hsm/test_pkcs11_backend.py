@@ -244,7 +244,7 @@ async def test_wrong_pin_is_unavailable_and_never_shown(
     await wrong.close()
 
     right = open_backend()  # the right PIN still works in the same process
-    await right.connect()
+    await right.list_keys()
     assert right.status()["state"] == "ok"
 
 
@@ -255,7 +255,7 @@ async def test_missing_token_is_unavailable(
         Pkcs11Config(module=hsm_config.module, token_label="no-such-token", pin_env=PIN_ENV)
     )
     with pytest.raises(UpstreamUnavailable, match="no-such-token"):
-        await missing.connect()
+        await missing.list_keys()
 
 
 async def test_pin_file_must_be_private(
@@ -270,7 +270,7 @@ async def test_pin_file_must_be_private(
     assert softhsm.pin not in str(caught.value)
     pin_file.chmod(0o600)
     backend = open_backend(config)
-    await backend.connect()
+    await backend.list_keys()
     assert backend.status()["state"] == "ok"
 
 
