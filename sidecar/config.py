@@ -17,7 +17,7 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from sidecar.errors import ConfigError, quoted
 
@@ -291,7 +291,49 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
-_KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+KEY_NAME_RULE = (
+    "key names are 1 to 128 letters, digits, '_', '.' and '-', starting with a letter or digit"
+)
+"""The one wording of the key-name rule, for every layer that refuses a name."""
+
+
+def is_key_name(name: str) -> bool:
+    """Whether ``name`` may name a key (``[keys.<name>]``, a root key, an HSM label)."""
+    return _KEY_NAME.fullmatch(name) is not None
+
+
+def tcp_host_port(address: str) -> tuple[str, int]:
+    """The host (without ``[]``) and port of ``server.tcp_address``. Raises ``ConfigError``."""
+    host, _, port = address.rpartition(":")
+    if not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+        raise ConfigError("server.tcp_address: expected HOST:PORT such as '127.0.0.1:8443'")
+    return host.strip("[]"), int(port)
+
+
+def check_max_file_bytes(value: int) -> int:
+    """``audit.max_file_bytes`` if usable (0: never rotate). Raises ``ConfigError``."""
+    if value < 0:
+        raise ConfigError("audit.max_file_bytes: must be positive, or 0 to never rotate")
+    return value
+
+
+_AUTH_METHOD_FIELDS: Final = {
+    "token": (),
+    "approle": ("role_id", "secret_id_file"),
+    "jwt": ("role", "jwt_file"),
+}
+
+
+def check_auth_method(vault: VaultConfig) -> None:
+    """``backend.vault.auth_method`` is known and its fields are set. Raises ``ConfigError``."""
+    if vault.auth_method not in _AUTH_METHOD_FIELDS:
+        raise ConfigError("backend.vault.auth_method: expected 'token', 'approle' or 'jwt'")
+    for name in _AUTH_METHOD_FIELDS[vault.auth_method]:
+        if not getattr(vault, name):
+            raise ConfigError(
+                f"backend.vault.{name}: required when auth_method is {vault.auth_method!r}"
+            )
 
 
 def _validate(config: Config) -> None:
@@ -312,9 +354,7 @@ def _validate(config: Config) -> None:
         if getattr(server, name) <= 0:
             raise ConfigError(f"server.{name}: must be positive")
     if server.tcp_address:
-        host, _, port = server.tcp_address.rpartition(":")
-        if not host or not port.isdigit():
-            raise ConfigError("server.tcp_address: expected HOST:PORT such as '127.0.0.1:8443'")
+        tcp_host_port(server.tcp_address)
         for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file"):
             if not getattr(server, name):
                 raise ConfigError(f"server.{name}: required when server.tcp_address is set")
@@ -327,19 +367,12 @@ def _validate(config: Config) -> None:
         for i, address in enumerate(vault.addresses):
             if not re.match(r"^https?://", address):
                 raise ConfigError(f"backend.vault.addresses[{i}]: expected an http(s):// URL")
-        if vault.auth_method not in ("token", "approle", "jwt"):
-            raise ConfigError("backend.vault.auth_method: expected 'token', 'approle' or 'jwt'")
+        check_auth_method(vault)
         if vault.max_concurrency <= 0:
             raise ConfigError("backend.vault.max_concurrency: must be positive")
-        required = {"approle": ("role_id", "secret_id_file"), "jwt": ("role", "jwt_file")}
-        for name in required.get(vault.auth_method, ()):
-            if not getattr(vault, name):
-                raise ConfigError(
-                    f"backend.vault.{name}: required when auth_method is {vault.auth_method!r}"
-                )
     for name, key in config.keys.items():
-        if not _KEY_NAME.match(name):
-            raise ConfigError(f"keys.{name}: key names are letters, digits, '_', '.' and '-'")
+        if not is_key_name(name):
+            raise ConfigError(f"keys.{name}: {KEY_NAME_RULE}")
         if not 0 < key.kek_max_uses <= 1 << 31:
             raise ConfigError(
                 f"keys.{name}.kek_max_uses: must be between 1 and 2^31 (random-nonce AES-GCM limit)"
@@ -354,8 +387,7 @@ def _validate(config: Config) -> None:
             "denies every request"
         )
     _validate_kms_v2(config)
-    if config.audit.max_file_bytes < 0:
-        raise ConfigError("audit.max_file_bytes: must be positive, or 0 to never rotate")
+    check_max_file_bytes(config.audit.max_file_bytes)
     if config.telemetry.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError("telemetry.log_level: expected DEBUG, INFO, WARNING or ERROR")
     if config.telemetry.log_format not in ("text", "json"):

@@ -48,7 +48,7 @@ from sidecar.audit.record import (
 )
 from sidecar.audit.recovery import NotAnAuditLog
 from sidecar.audit.sink import CommitFailed, FileSink, reason_of
-from sidecar.config import Config
+from sidecar.config import Config, check_max_file_bytes
 from sidecar.errors import AuditUnavailable, ConfigError
 
 log = logging.getLogger(__name__)
@@ -96,8 +96,7 @@ class AuditLog:
         retry_interval: float = 1.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        if max_file_bytes < 0:
-            raise ConfigError("audit.max_file_bytes: must be positive, or 0 to never rotate")
+        check_max_file_bytes(max_file_bytes)
         self.path = os.path.abspath(path)
         self.fail_closed = fail_closed
         self.hmac_key_ephemeral = hmac_key is None

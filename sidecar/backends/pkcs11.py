@@ -51,7 +51,7 @@ from sidecar.backends.pkcs11_owner import (
     owner_for,
     translated,
 )
-from sidecar.config import Pkcs11Config
+from sidecar.config import KEY_NAME_RULE, Pkcs11Config, is_key_name
 from sidecar.errors import (
     ConfigError,
     DecryptionFailed,
@@ -72,8 +72,6 @@ _KEK_BYTES = 32
 _TAG_BYTES = 16
 _WRAPPED_BODY = _IV_BYTES + _KEK_BYTES + _TAG_BYTES
 _WRAPPED = re.compile(rb"hsm:v([1-9][0-9]{0,8}):(.*)", re.DOTALL)
-#: Key names the backend will make into labels (the same rule as ``[keys.<name>]``).
-_KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
 def read_pin(config: Pkcs11Config, resolve_path: Callable[[str], str] = lambda p: p) -> str:
@@ -218,11 +216,8 @@ class Pkcs11Backend:
             raise InvalidRequest(
                 f"Unknown key type {key_type!r}; use one of {', '.join(KEY_TYPES)}."
             )
-        if not _KEY_NAME.fullmatch(root_key):
-            raise InvalidRequest(
-                "Key names are 1 to 128 letters, digits, '_', '.' and '-', "
-                "starting with a letter or digit."
-            )
+        if not is_key_name(root_key):
+            raise InvalidRequest(f"{KEY_NAME_RULE[0].upper()}{KEY_NAME_RULE[1:]}.")
 
         def call(ts: TokenSession) -> RootKeyInfo:
             with contextlib.suppress(PermissionDenied):
@@ -369,7 +364,7 @@ class Pkcs11Backend:
     @staticmethod
     def _existing_name(root_key: str) -> str:
         """``root_key`` if it could be a key of ours; ``PermissionDenied`` otherwise."""
-        if not _KEY_NAME.fullmatch(root_key):
+        if not is_key_name(root_key):
             raise PermissionDenied()
         return root_key
 

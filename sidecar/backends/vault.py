@@ -137,10 +137,7 @@ class VaultBackend:
         *,
         resolve_path: Callable[[str], str] = lambda p: p,
     ) -> None:
-        try:
-            method = auth_method_for(config, resolve_path)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+        method = auth_method_for(config, resolve_path)
         method.check()  # a credential that cannot exist stops start-up; the upstream is not asked
         for address in config.addresses:
             if address.startswith("http://") and urlsplit(address).hostname not in _LOOPBACK:

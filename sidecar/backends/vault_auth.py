@@ -36,7 +36,7 @@ from typing import Any, Protocol
 
 import hvac
 
-from sidecar.config import VaultConfig
+from sidecar.config import VaultConfig, check_auth_method
 from sidecar.errors import ConfigError, SidecarError, UpstreamError, UpstreamUnavailable
 
 log = logging.getLogger(__name__)
@@ -310,27 +310,18 @@ class JwtLogin:
 def auth_method_for(
     config: VaultConfig, resolve_path: Callable[[str], str] = lambda p: p
 ) -> AuthMethod:
-    """The :class:`AuthMethod` that ``config.auth_method`` names. Raises ``ValueError``."""
-    if config.auth_method == "token":
-        return StaticToken(config.token_env, resolve_path(config.token_file))
+    """The :class:`AuthMethod` that ``config.auth_method`` names.
+
+    Raises ``ConfigError`` as config loading does (:func:`~sidecar.config.check_auth_method`).
+    """
+    check_auth_method(config)
     if config.auth_method == "approle":
-        if not config.role_id or not config.secret_id_file:
-            raise ValueError(
-                "backend.vault.role_id and backend.vault.secret_id_file: required when "
-                "auth_method is 'approle'"
-            )
         return AppRoleLogin(
             config.role_id, resolve_path(config.secret_id_file), config.auth_mount or "approle"
         )
     if config.auth_method == "jwt":
-        if not config.role or not config.jwt_file:
-            raise ValueError(
-                "backend.vault.role and backend.vault.jwt_file: required when auth_method is 'jwt'"
-            )
         return JwtLogin(config.role, resolve_path(config.jwt_file), config.auth_mount or "jwt")
-    raise ValueError(
-        f"backend.vault.auth_method: {config.auth_method!r} is not 'token', 'approle' or 'jwt'"
-    )
+    return StaticToken(config.token_env, resolve_path(config.token_file))
 
 
 _AUTH_FAILING = (

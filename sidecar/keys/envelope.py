@@ -225,25 +225,6 @@ class KekCipher:
     def __repr__(self) -> str:
         return "KekCipher(<redacted>)"
 
-    def seal(
-        self,
-        header: Header,
-        plaintext: bytes,
-        *,
-        context: bytes,
-        associated_data: bytes,
-        nonce: bytes,
-    ) -> str:
-        """The blob sealing ``plaintext``; ``nonce`` must be 12 fresh random bytes."""
-        return self.seal_encoded(
-            header.encode(),
-            header.root_version,
-            plaintext,
-            context=context,
-            associated_data=associated_data,
-            nonce=nonce,
-        )
-
     def seal_encoded(
         self,
         header_bytes: bytes,
@@ -254,7 +235,8 @@ class KekCipher:
         associated_data: bytes,
         nonce: bytes,
     ) -> str:
-        """:meth:`seal` with the header already encoded (the keyring reuses a KEK's header)."""
+        """The blob sealing ``plaintext`` under ``header_bytes`` (a :meth:`Header.encode`, which
+        the keyring encodes once per KEK); ``nonce`` must be 12 fresh random bytes."""
         sealed = self._aead.encrypt(nonce, plaintext, _aad(header_bytes, context, associated_data))
         body = base64.b64encode(header_bytes + nonce + sealed).decode()
         return f"{PREFIX}v{root_version}:{body}"

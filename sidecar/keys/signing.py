@@ -188,8 +188,6 @@ class Signer:
         self._now = now
         self._views: dict[str, _KeyView] = {}
         self._locks: dict[str, asyncio.Lock] = {}
-        #: Metadata reads made to the backend (for tests and status).
-        self.refreshes = 0
 
     # -- signing ----------------------------------------------------------------------------
 
@@ -339,7 +337,6 @@ class Signer:
                 if wait > 0:
                     await asyncio.sleep(wait)
             info = await self.backend.key_info(self._root_key_of(key_name))
-            self.refreshes += 1
             parsed = {} if current is None else current.public_keys
             public_keys: dict[int, PublicKey] = {}
             for v, text in info.public_keys.items():

@@ -44,20 +44,12 @@ def load_policies(directory: str | os.PathLike[str]) -> PolicySet:
         raise ConfigError(f"policies.dir: {os.fspath(directory)!r} is not a directory")
     files = sorted(p for p in path.glob("*.toml") if p.is_file())
     rules: list[Rule] = []
-    seen: dict[str, Rule] = {}
     for file in files:
         try:
             text = file.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{file}: cannot read the policy file: {exc}") from None
-        for rule in parse_policy_text(text, path=str(file)):
-            if rule.name in seen:
-                raise ConfigError(
-                    f"{rule.source}: rule name {rule.name!r} is already used at "
-                    f"{seen[rule.name].source}; rule names must be unique"
-                )
-            seen[rule.name] = rule
-            rules.append(rule)
+        rules.extend(parse_policy_text(text, path=str(file)))
     return PolicySet(rules, files=[str(f) for f in files])
 
 

@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Final
 
-from sidecar.errors import InvalidRequest, RateLimited, quoted
+from sidecar.errors import ConfigError, InvalidRequest, RateLimited, quoted
 from sidecar.identity import Identity
 from sidecar.policy.decision import Decision, permission_denied
 from sidecar.policy.facts import caller_key
@@ -33,25 +33,33 @@ _NOTHING_LOADED: Final = Decision(False, None, "no policies are loaded (deny by 
 _DEFAULT_DENY: Final = Decision(False, None, "no rule allows this request (deny by default)")
 
 
+def rules_by_name(rules: Iterable[Rule]) -> dict[str, Rule]:
+    """The rules by name. Raises ``ConfigError`` (``FILE:LINE: reason``) for a name used twice."""
+    seen: dict[str, Rule] = {}
+    for rule in rules:
+        first = seen.setdefault(rule.name, rule)
+        if first is not rule:
+            where = f"{rule.source}: " if rule.source else ""
+            earlier = first.source or "another rule"
+            raise ConfigError(
+                f"{where}rule name {rule.name!r} is already used at {earlier}; "
+                "rule names must be unique"
+            )
+    return seen
+
+
 class PolicySet:
     """An immutable, ordered set of rules; deny by default. ``len()`` is the number of rules.
 
-    Rate-limit buckets live in the rules, so a reloaded set starts with full buckets.
+    Rate-limit buckets live in the rules, so a reloaded set starts with full buckets. Raises
+    ``ConfigError`` for a rule name used twice.
     """
 
     def __init__(self, rules: Iterable[Rule] = (), *, files: Sequence[str] = ()) -> None:
         self.rules: tuple[Rule, ...] = tuple(rules)
         #: The policy files the rules came from, in load order.
         self.files: tuple[str, ...] = tuple(files)
-        seen: dict[str, Rule] = {}
-        for rule in self.rules:
-            if rule.name in seen:
-                raise ValueError(
-                    f"rule name {rule.name!r} is used twice ({seen[rule.name].source} and "
-                    f"{rule.source})"
-                )
-            seen[rule.name] = rule
-        self._by_name = seen
+        self._by_name = rules_by_name(self.rules)
         self._by_operation: dict[str, _Candidates] = {}
         for op in OPERATIONS:
             self._by_operation[op] = (

@@ -43,7 +43,7 @@ from aiohttp.streams import StreamReader
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from sidecar.config import ServerConfig
+from sidecar.config import ServerConfig, tcp_host_port
 from sidecar.errors import InvalidRequest, PayloadTooLarge
 from sidecar.server.errors import error_response
 from sidecar.server.pipeline import new_request_id
@@ -412,7 +412,6 @@ class BoundedSite(web.SockSite):
 
 def tcp_listener(address: str, backlog: int) -> socket.socket:
     """A listening TCP socket on ``HOST:PORT`` (``[::1]:8443`` for IPv6)."""
-    host, _, port = address.rpartition(":")
-    host = host.strip("[]")
+    host, port = tcp_host_port(address)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    return socket.create_server((host, int(port)), family=family, backlog=backlog)
+    return socket.create_server((host, port), family=family, backlog=backlog)

@@ -19,6 +19,7 @@ from typing import Any
 from sidecar.config import parse_duration
 from sidecar.errors import InvalidRequest, PayloadTooLarge
 from sidecar.keys import envelope
+from sidecar.keys.keyring import check_bits
 
 _EMPTY = frozenset({b"", b"{}", b"null"})
 #: An integer written as a string: ASCII digits only, few enough for any field here.
@@ -123,12 +124,10 @@ def bits_field(item: Mapping[str, Any]) -> int:
     try:
         bits = integer_value(item.get("bits"), "bits")
     except InvalidRequest:
-        bits = -1
+        bits = -1  # refused below, in the one wording
     if bits is None:
         return 256
-    if bits not in (128, 256, 512):
-        raise InvalidRequest("Field 'bits' must be 128, 256 or 512.")
-    return bits
+    return check_bits(bits)
 
 
 def plaintext_field(item: Mapping[str, Any], limit: int) -> bytes:

@@ -12,8 +12,11 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from sidecar.backends.base import NewKek
+from sidecar.config import KeyConfig
 from sidecar.errors import DecryptionFailed, InvalidRequest
 from sidecar.keys import envelope
+from sidecar.keys.keyring import Keyring
 
 VECTORS = Path(__file__).parent.parent / "vectors"
 
@@ -36,8 +39,9 @@ def test_generate_matches_vector(case: dict[str, Any]) -> None:
         wrapped,
         case["expires_at"],
     )
-    blob = envelope.KekCipher(_b64(case["kek"])).seal(
-        header,
+    blob = envelope.KekCipher(_b64(case["kek"])).seal_encoded(
+        header.encode(),
+        header.root_version,
         _b64(case["plaintext"]),
         context=envelope.canonical_context(case["encryption_context"]),
         associated_data=_b64(case["associated_data"]),
@@ -124,3 +128,54 @@ def test_context_must_be_strings() -> None:
 def test_kek_never_in_repr() -> None:
     cipher = envelope.KekCipher(b"\xab" * 32)
     assert "ab" not in repr(cipher).lower().replace("redacted", "")
+
+
+class _VectorBackend:
+    """A backend whose only KEK is a vector's: the keyring then seals exactly that blob."""
+
+    kind = "vector"
+
+    def __init__(self, case: dict[str, Any]) -> None:
+        self.made = NewKek(_b64(case["kek"]), _b64(case["wrapped_kek"]), case["root_version"])
+
+    async def generate_kek(self, root_key: str) -> NewKek:
+        return self.made
+
+    async def unwrap_kek(self, root_key: str, wrapped: bytes) -> bytes:
+        assert wrapped == self.made.wrapped
+        return self.made.plaintext
+
+
+@pytest.mark.parametrize("case", _load("generate"), ids=lambda c: c["name"])
+async def test_keyring_seals_and_opens_the_vectors(case: dict[str, Any]) -> None:
+    """The vectors through the path every request takes: ``Keyring.encrypt`` and ``open_blob``."""
+    expires_at = case["expires_at"]
+    ttl = None if expires_at is None else 1.0
+    now = 1_700_000_000.0 if expires_at is None else float(expires_at) - 1.0
+    keyring = Keyring(
+        _VectorBackend(case),  # type: ignore[arg-type]
+        {case["key_name"]: (KeyConfig(), case["key_name"])},
+        now=lambda: now,
+        random=lambda n: _b64(case["nonce"])[:n],
+    )
+    context = case["encryption_context"]
+    sealed = await keyring.encrypt(
+        case["key_name"],
+        _b64(case["plaintext"]),
+        context=context,
+        associated_data=_b64(case["associated_data"]),
+        ttl=ttl,
+    )
+    assert sealed.blob == case["blob"]
+    fresh = Keyring(
+        _VectorBackend(case),  # type: ignore[arg-type]
+        {case["key_name"]: (KeyConfig(), case["key_name"])},
+        now=lambda: now,
+    )
+    opened = await fresh.open_blob(
+        case["key_name"],
+        case["blob"],
+        context=context,
+        associated_data=_b64(case["associated_data"]),
+    )
+    assert opened.plaintext == _b64(case["plaintext"])

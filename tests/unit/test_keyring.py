@@ -44,7 +44,7 @@ async def test_ten_thousand_issuances_cost_one_kek_fetch(
     keys = [await keyring.generate_data_key("payments") for _ in range(10_000)]
     assert backend.calls["generate_kek"] == 1
     assert len({k.plaintext for k in keys}) == 10_000
-    assert await keyring.decrypt("payments", keys[-1].blob) == keys[-1].plaintext
+    assert (await keyring.open_blob("payments", keys[-1].blob)).plaintext == keys[-1].plaintext
     assert backend.calls["unwrap_kek"] == 0
 
 
@@ -64,7 +64,7 @@ async def test_kek_rotates_by_age_and_old_blobs_still_open(
     new = await keyring.generate_data_key("payments")
     assert new.kek_id != old.kek_id
     assert backend.calls["generate_kek"] == 2
-    assert await keyring.decrypt("payments", old.blob) == old.plaintext
+    assert (await keyring.open_blob("payments", old.blob)).plaintext == old.plaintext
 
 
 async def test_kek_rotates_by_uses_with_one_prefetch(backend: MemoryBackend, clock: Clock) -> None:
@@ -103,7 +103,7 @@ async def test_new_root_version_retires_live_kek(backend: MemoryBackend, clock: 
     after = await keyring.generate_data_key("payments")
     assert (before.root_version, after.root_version) == (1, 2)
     assert after.blob.startswith("sidecar:v2:")
-    assert await keyring.decrypt("payments", before.blob) == before.plaintext
+    assert (await keyring.open_blob("payments", before.blob)).plaintext == before.plaintext
 
 
 async def test_rotate_through_keyring(backend: MemoryBackend, clock: Clock) -> None:
@@ -119,10 +119,10 @@ async def test_expiry_is_bound_with_leeway(backend: MemoryBackend, clock: Clock)
     key = await keyring.generate_data_key("payments", ttl=60)
     assert key.expires_at == int(clock.now) + 60
     clock.now += 64
-    assert await keyring.decrypt("payments", key.blob) == key.plaintext
+    assert (await keyring.open_blob("payments", key.blob)).plaintext == key.plaintext
     clock.now += 2
     with pytest.raises(DecryptionFailed) as failure:
-        await keyring.decrypt("payments", key.blob)
+        await keyring.open_blob("payments", key.blob)
     assert failure.value.cause == "blob expired"
 
 
@@ -130,17 +130,19 @@ async def test_context_is_bound(backend: MemoryBackend, clock: Clock) -> None:
     keyring = make_keyring(backend, clock)
     key = await keyring.generate_data_key("payments", context={"tenant": "a"})
     with pytest.raises(DecryptionFailed):
-        await keyring.decrypt("payments", key.blob, context={"tenant": "b"})
+        await keyring.open_blob("payments", key.blob, context={"tenant": "b"})
     with pytest.raises(DecryptionFailed):
-        await keyring.decrypt("payments", key.blob)
-    assert await keyring.decrypt("payments", key.blob, context={"tenant": "a"}) == key.plaintext
+        await keyring.open_blob("payments", key.blob)
+    assert (
+        await keyring.open_blob("payments", key.blob, context={"tenant": "a"})
+    ).plaintext == key.plaintext
 
 
 async def test_blob_of_another_key_fails(backend: MemoryBackend, clock: Clock) -> None:
     keyring = make_keyring(backend, clock)
     key = await keyring.generate_data_key("payments")
     with pytest.raises(DecryptionFailed):
-        await keyring.decrypt("other", key.blob)
+        await keyring.open_blob("other", key.blob)
 
 
 async def test_unknown_key_is_permission_denied(backend: MemoryBackend, clock: Clock) -> None:
@@ -156,8 +158,8 @@ async def test_unwrap_is_single_flight_after_flush(clock: Clock) -> None:
     keyring = make_keyring(backend, clock)
     key = await keyring.generate_data_key("payments")
     assert keyring.flush("payments") == 1  # the live KEK, cached once
-    opened = await asyncio.gather(*(keyring.decrypt("payments", key.blob) for _ in range(50)))
-    assert opened == [key.plaintext] * 50
+    opened = await asyncio.gather(*(keyring.open_blob("payments", key.blob) for _ in range(50)))
+    assert [o.plaintext for o in opened] == [key.plaintext] * 50
     assert backend.calls["unwrap_kek"] == 1
 
 
@@ -169,7 +171,7 @@ async def test_outage_within_grace_keeps_issuing(backend: MemoryBackend, clock: 
     during = await keyring.generate_data_key("payments")
     assert during.kek_id == cached.kek_id
     assert keyring.key_state("payments") == "degraded"
-    assert await keyring.decrypt("payments", cached.blob) == cached.plaintext
+    assert (await keyring.open_blob("payments", cached.blob)).plaintext == cached.plaintext
     clock.now += 200  # past grace
     with pytest.raises(UpstreamUnavailable):
         await keyring.generate_data_key("payments")
@@ -184,9 +186,9 @@ async def test_outage_uncached_blob_is_unavailable_not_decryption_failed(
     keyring.flush()
     backend.available = False
     with pytest.raises(UpstreamUnavailable):
-        await keyring.decrypt("payments", key.blob)
+        await keyring.open_blob("payments", key.blob)
     backend.available = True
-    assert await keyring.decrypt("payments", key.blob) == key.plaintext
+    assert (await keyring.open_blob("payments", key.blob)).plaintext == key.plaintext
 
 
 async def test_raised_min_decryption_version_refuses_old_blobs(
@@ -199,7 +201,7 @@ async def test_raised_min_decryption_version_refuses_old_blobs(
     await keyring.refresh("payments")
     assert keyring.status().keys["payments"].cached_keks == 0
     with pytest.raises(DecryptionFailed):
-        await keyring.decrypt("payments", old.blob)
+        await keyring.open_blob("payments", old.blob)
     assert (await keyring.generate_data_key("payments")).root_version == 2
 
 
@@ -211,7 +213,9 @@ async def test_rewrap_moves_to_newest_version_keeping_context_and_expiry(
     await keyring.rotate("payments")
     moved = await keyring.rewrap("payments", key.blob, context={"t": "1"})
     assert moved.root_version == 2 and moved.expires_at == key.expires_at
-    assert await keyring.decrypt("payments", moved.blob, context={"t": "1"}) == key.plaintext
+    assert (
+        await keyring.open_blob("payments", moved.blob, context={"t": "1"})
+    ).plaintext == key.plaintext
 
 
 async def test_status_never_holds_key_bytes(backend: MemoryBackend, clock: Clock) -> None:

@@ -35,8 +35,9 @@ def _case(
     header = envelope.Header(
         key_name, root_version, envelope.kek_id_for(key_name, WRAPPED), WRAPPED, expires_at
     )
-    blob = envelope.KekCipher(KEK).seal(
-        header,
+    blob = envelope.KekCipher(KEK).seal_encoded(
+        header.encode(),
+        header.root_version,
         plaintext,
         context=envelope.canonical_context(context),
         associated_data=ad,
