@@ -8,7 +8,8 @@ runs with its open-file limit set to ``--nofile`` (4096, as the ``LimitNOFILE=40
 docs/security.md recommends; set with ``prlimit`` semantics: soft and hard) and the default
 ``[server]`` connection limits. Then, for ``--duration`` seconds:
 
-- an attacker process (as uid 65534 when run as root, else as this user) keeps ``--idle``
+- an attacker process (as uid 65534 when run as root, else, or with ``--same-uid``, as this
+  user) keeps ``--idle``
   connections open that never send a byte, and ``--slowloris`` connections that trickle header
   bytes (one every ``--trickle`` seconds, never finishing); each one the sidecar closes is
   reopened at once, so the pressure never lets up;
@@ -63,7 +64,7 @@ ATTACKER = textwrap.dedent(
         while loop.time() < end:
             try:
                 reader, writer = await asyncio.open_unix_connection(path)
-            except OSError:
+            except Exception:
                 stats["refused"] += 1
                 await asyncio.sleep(0.05)
                 continue
@@ -83,11 +84,14 @@ ATTACKER = textwrap.dedent(
                     if not data:
                         stats["closed_by_server"] += 1
                         break
-            except OSError:
+            except Exception:
                 stats["closed_by_server"] += 1
             finally:
                 held -= 1
-                writer.close()
+                try:
+                    writer.close()
+                except Exception:
+                    pass
 
     async def main():
         tasks = [hold("idle") for _ in range(idle)] + [hold("slow") for _ in range(slow)]
@@ -104,11 +108,30 @@ class UnixConnection(http.client.HTTPConnection):
         super().__init__("localhost", timeout=timeout)
         self._path = path
 
+    #: connect() calls that found the listen backlog full (EAGAIN) and waited for room
+    backlog_waits = 0
+
     def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self._path)
-        self.sock = sock
+        # With a timeout the socket is non-blocking, and a Unix connect() to a full backlog
+        # fails at once with EAGAIN; a blocking connect() waits for room. Wait as it would.
+        deadline = time.monotonic() + (self.timeout or 5.0)
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(self.timeout)
+            try:
+                sock.connect(self._path)
+            except BlockingIOError:
+                sock.close()
+                UnixConnection.backlog_waits += 1
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.002)
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            self.sock = sock
+            return
 
 
 class GoodClient:
@@ -120,6 +143,8 @@ class GoodClient:
         self.failed = 0
         self.errors: dict[str, int] = {}
         self.latencies: list[float] = []
+        #: keep-alive connections found closed while idle, and the request retried on a new one
+        self.reconnects = 0
 
     def run(self, until: float) -> None:
         conn: UnixConnection | None = None
@@ -140,6 +165,7 @@ class GoodClient:
                     # a keep-alive connection closed while idle: retried on a new one, as
                     # HTTP clients retry a request that never reached the server
                     conn = None
+                    self.reconnects += 1
                     continue
                 self.failed += 1
                 name = type(exc).__name__
@@ -159,6 +185,8 @@ class GoodClient:
         lat = sorted(self.latencies) or [0.0]
         p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
         errors = f"  errors: {self.errors}" if self.errors else ""
+        if self.keep_alive:
+            errors += f"  ({self.reconnects} idle closes retried)"
         return (
             f"{label:<34} {self.ok:>6}/{total:<6} = {rate:6.2f} %   "
             f"p50 {statistics.median(lat) * 1000:6.2f} ms  p99 {p99 * 1000:7.2f} ms{errors}"
@@ -204,6 +232,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=30.0)
     parser.add_argument("--nofile", type=int, default=4096)
     parser.add_argument("--timeout", type=float, default=5.0, help="a good request's deadline")
+    parser.add_argument(
+        "--same-uid",
+        action="store_true",
+        help="attack as this user, the good client's uid (they then share its connection cap)",
+    )
     args = parser.parse_args(argv)
 
     script = Path(sys.executable).with_name("kms-sidecar")
@@ -269,7 +302,12 @@ def run(
     attacker_cmd += [str(args.trickle), str(args.duration + 5)]
     # The system's Python runs the attacker as another uid: this virtualenv may be out of reach.
     system_python = shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin")
-    as_nobody = os.getuid() == 0 and shutil.which("setpriv") is not None and bool(system_python)
+    as_nobody = (
+        not args.same_uid
+        and os.getuid() == 0
+        and shutil.which("setpriv") is not None
+        and bool(system_python)
+    )
     if as_nobody:
         attacker_cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
         attacker_cmd += [str(system_python), "-c", ATTACKER, sock, str(args.idle)]
@@ -325,6 +363,10 @@ def run(
             print(f"  {limit:<26} {count - under_attack_start.get(limit, 0):>9.0f}")
     print(f"  connections open at the end: {after['open']:.0f}")
     print(f"health during the attack: {health.count(200)}/{len(health)} answered 200")
+    print(
+        f"good client connects that found the backlog full and waited: "
+        f"{UnixConnection.backlog_waits}"
+    )
     print("good client, datakey/wrapped, one request at a time:")
     print(baseline.report("  before the attack, new conn each"))
     print(fresh.report("  under attack, new conn each"))

@@ -166,3 +166,9 @@ def test_a_bad_partial_failure_response_code_is_a_400(sidecar: InProcessSidecar,
     )
     assert (reply.status, body["code"]) == (400, "invalid_request")
     assert body["errors"][0].startswith("Field 'partial_failure_response_code' must be")
+
+
+def test_head_on_health_answers_the_status_without_a_body(sidecar: InProcessSidecar) -> None:
+    """As docs/api.md says (and Vault's health endpoint does), for probes that read the status."""
+    reply = sidecar.request("HEAD", "/v1/sys/health")
+    assert (reply.status, reply.raw) == (200, b"")
