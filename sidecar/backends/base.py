@@ -17,6 +17,17 @@ from typing import Any, Protocol, runtime_checkable
 KEY_TYPES = ("aes256", "ec-p256", "ed25519")
 #: Our key types → Vault transit's names, which the API shows.
 TRANSIT_TYPES = {"aes256": "aes256-gcm96", "ec-p256": "ecdsa-p256", "ed25519": "ed25519"}
+#: The HMAC algorithms ``hmac`` and ``verify_hmac`` take (Vault transit's names).
+HMAC_ALGORITHMS = (
+    "sha2-224",
+    "sha2-256",
+    "sha2-384",
+    "sha2-512",
+    "sha3-224",
+    "sha3-256",
+    "sha3-384",
+    "sha3-512",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +49,8 @@ class RootKeyInfo:
     min_decryption_version: int
     public_keys: Mapping[int, str] = field(default_factory=dict)
     extra: Mapping[str, Any] = field(default_factory=dict)
+    #: Version → when it was made (Unix seconds), where the backend knows.
+    created: Mapping[int, int] = field(default_factory=dict)
 
 
 @runtime_checkable
@@ -67,6 +80,22 @@ class RootKeyBackend(Protocol):
 
     async def destroy(self, root_key: str) -> None:
         """Delete every version of ``root_key`` for good (crypto-shredding)."""
+
+    async def hmac(
+        self, root_key: str, data: bytes, *, algorithm: str, key_version: int | None = None
+    ) -> tuple[str, int]:
+        """The HMAC of ``data`` under version ``key_version`` (``None``: the latest) of
+        ``root_key``, as Vault writes it (``vault:vN:<base64>``), and N.
+
+        ``algorithm`` is one of ``HMAC_ALGORITHMS``. ``InvalidRequest`` where the backend cannot
+        make HMACs with this key, or has no such version.
+        """
+
+    async def verify_hmac(self, root_key: str, data: bytes, hmac: str, *, algorithm: str) -> bool:
+        """Whether ``hmac`` (as :meth:`hmac` writes it) is the HMAC of ``data``.
+
+        ``InvalidRequest`` for a malformed ``hmac`` or where the backend cannot verify.
+        """
 
     def status(self) -> Mapping[str, Any]:
         """The backend's state for health and status pages (never secrets)."""

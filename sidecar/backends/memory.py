@@ -8,12 +8,17 @@ tests and benchmarks: nothing it holds survives the process.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import hashlib
+import hmac as hmac_lib
 import os
+import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from sidecar.backends.base import KEY_TYPES, NewKek, RootKeyInfo
+from sidecar.backends.base import HMAC_ALGORITHMS, KEY_TYPES, NewKek, RootKeyInfo
 from sidecar.errors import (
     DecryptionFailed,
     InvalidRequest,
@@ -39,6 +44,9 @@ class MemoryBackend:
         self._latest: dict[str, int] = dict.fromkeys(self._types, 1)
         self._min_decryption: dict[str, int] = dict.fromkeys(self._types, 1)
         self._keks: dict[bytes, tuple[str, int, bytes]] = {}
+        #: (root key, version) → its HMAC key and when the version was made.
+        self._hmac_keys: dict[tuple[str, int], bytes] = {}
+        self._created: dict[tuple[str, int], int] = {}
         self._random = random
         self.delay = delay
         self.available = True
@@ -101,6 +109,37 @@ class MemoryBackend:
             del self._keks[handle]
         del self._types[root_key], self._latest[root_key], self._min_decryption[root_key]
 
+    async def hmac(
+        self, root_key: str, data: bytes, *, algorithm: str, key_version: int | None = None
+    ) -> tuple[str, int]:
+        await self._call("hmac", root_key)
+        version = self._latest[root_key] if key_version is None else key_version
+        if not self._min_decryption[root_key] <= version <= self._latest[root_key]:
+            raise InvalidRequest(f"Key {root_key!r} has no version {version} to HMAC with.")
+        mac = self._mac(root_key, version, data, algorithm)
+        return f"vault:v{version}:{base64.b64encode(mac).decode()}", version
+
+    async def verify_hmac(self, root_key: str, data: bytes, hmac: str, *, algorithm: str) -> bool:
+        await self._call("verify_hmac", root_key)
+        prefix, _, rest = hmac.partition(":v")
+        version_text, _, encoded = rest.partition(":")
+        if prefix != "vault" or not version_text.isdigit():
+            raise InvalidRequest("Field 'hmac' is not an HMAC this backend made.")
+        try:
+            given = base64.b64decode(encoded, validate=True)
+        except binascii.Error:
+            raise InvalidRequest("Field 'hmac' is not an HMAC this backend made.") from None
+        version = int(version_text)
+        if not self._min_decryption[root_key] <= version <= self._latest[root_key]:
+            return False
+        return hmac_lib.compare_digest(given, self._mac(root_key, version, data, algorithm))
+
+    def _mac(self, root_key: str, version: int, data: bytes, algorithm: str) -> bytes:
+        assert algorithm in HMAC_ALGORITHMS
+        secret = self._hmac_keys.setdefault((root_key, version), self._random(32))
+        digest = algorithm.replace("sha2-", "sha").replace("sha3-", "sha3_")
+        return hmac_lib.new(secret, data, getattr(hashlib, digest)).digest()
+
     def set_min_decryption_version(self, root_key: str, version: int) -> None:
         """What an operator raising ``min_decryption_version`` upstream does."""
         self._min_decryption[root_key] = version
@@ -112,9 +151,12 @@ class MemoryBackend:
         return None
 
     def _info(self, root_key: str) -> RootKeyInfo:
+        versions = range(self._min_decryption[root_key], self._latest[root_key] + 1)
+        now = int(time.time())  # versions first seen now were made now
         return RootKeyInfo(
             name=root_key,
             key_type=self._types[root_key],
             latest_version=self._latest[root_key],
             min_decryption_version=self._min_decryption[root_key],
+            created={v: self._created.setdefault((root_key, v), now) for v in versions},
         )

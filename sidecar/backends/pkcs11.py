@@ -107,6 +107,15 @@ def read_pin(config: Pkcs11Config, resolve_path: Callable[[str], str] = lambda p
     return pin
 
 
+def _no_hmac() -> InvalidRequest:
+    """Root keys on the token are AES keys made for encryption (no ``CKA_SIGN``) or key pairs;
+    none can make a ``CKM_SHA*_HMAC``."""
+    return InvalidRequest(
+        "HMAC is not available with the pkcs11 backend: its root keys are AES encryption keys "
+        "and signing key pairs, not HMAC keys; use a vault backend key for transit/hmac."
+    )
+
+
 class Pkcs11Backend:
     """Root keys on a PKCS#11 token. Construct once per process; cheap until the first call.
 
@@ -283,6 +292,14 @@ class Pkcs11Backend:
             await asyncio.wait_for(released, self._call_timeout)
         except asyncio.TimeoutError:
             log.warning("HSM token %r did not release its session in time", self._label)
+
+    async def hmac(
+        self, root_key: str, data: bytes, *, algorithm: str, key_version: int | None = None
+    ) -> tuple[str, int]:
+        raise _no_hmac()
+
+    async def verify_hmac(self, root_key: str, data: bytes, hmac: str, *, algorithm: str) -> bool:
+        raise _no_hmac()
 
     # -- beyond RootKeyBackend --------------------------------------------------------------
 

@@ -20,6 +20,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import datetime
 import logging
 import os
 import threading
@@ -108,7 +109,7 @@ def _translated(operation: str) -> Iterator[None]:
     except hvac.exceptions.InvalidRequest as exc:
         if operation in ("decrypt", "rewrap"):
             raise _Refused(DecryptionFailed(f"upstream refused {operation}")) from None
-        if operation in ("sign", "verify"):  # the caller's input, not our request, was wrong
+        if operation in ("sign", "verify", "hmac"):  # the caller's input, not ours, was wrong
             raise _Refused(
                 InvalidRequest(f"The key backend rejected {operation}: {_first_error(exc)}")
             ) from None
@@ -234,6 +235,31 @@ class VaultBackend:
             client.secrets.transit.delete_key(root_key, mount_point=self._mount)
 
         await self._run("destroy", call)
+
+    async def hmac(
+        self, root_key: str, data: bytes, *, algorithm: str, key_version: int | None = None
+    ) -> tuple[str, int]:
+        """Transit ``hmac`` with the upstream key's HMAC key: ``vault:vN:…`` as it wrote it."""
+        payload: dict[str, Any] = {"input": base64.b64encode(data).decode()}
+        if key_version is not None:
+            payload["key_version"] = key_version
+        path = f"{self._transit_path('hmac', root_key)}/{algorithm}"
+
+        def call(client: hvac.Client) -> Any:
+            return client.adapter.post(path, json=payload)
+
+        mac = str((await self._run("hmac", call))["data"]["hmac"])
+        return mac, _version_of(mac)
+
+    async def verify_hmac(self, root_key: str, data: bytes, hmac: str, *, algorithm: str) -> bool:
+        """Transit ``verify`` with ``hmac``: whether the upstream computes the same HMAC."""
+        payload = {"input": base64.b64encode(data).decode(), "hmac": hmac}
+        path = f"{self._transit_path('verify', root_key)}/{algorithm}"
+
+        def call(client: hvac.Client) -> Any:
+            return client.adapter.post(path, json=payload)
+
+        return bool((await self._run("hmac", call))["data"]["valid"])
 
     def status(self) -> Mapping[str, Any]:
         return {
@@ -476,6 +502,24 @@ def _pem(key_type: str, public_key: str) -> str:
     return raw.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo).decode()
 
 
+def _created(entry: Any) -> int | None:
+    """When a transit key version was made: symmetric versions map to Unix seconds, asymmetric
+    ones to an object with an RFC 3339 ``creation_time``."""
+    if isinstance(entry, int) and not isinstance(entry, bool):
+        return entry
+    if isinstance(entry, Mapping) and isinstance(entry.get("creation_time"), str):
+        whole, _, fraction = entry["creation_time"].partition(".")  # nanoseconds: drop them
+        text = (whole + fraction.lstrip("0123456789")).replace("Z", "+00:00")
+        try:
+            when = datetime.datetime.fromisoformat(text)
+        except ValueError:
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=datetime.timezone.utc)
+        return int(when.timestamp())
+    return None
+
+
 def _info(name: str, data: Mapping[str, Any]) -> RootKeyInfo:
     key_type = str(data.get("type", ""))
     public_keys = {
@@ -489,6 +533,11 @@ def _info(name: str, data: Mapping[str, Any]) -> RootKeyInfo:
         latest_version=int(data["latest_version"]),
         min_decryption_version=int(data["min_decryption_version"]),
         public_keys=public_keys,
+        created={
+            int(version): when
+            for version, entry in (data.get("keys") or {}).items()
+            if (when := _created(entry)) is not None
+        },
         extra={
             "deletion_allowed": bool(data.get("deletion_allowed", False)),
             "supports_signing": bool(data.get("supports_signing", False)),
