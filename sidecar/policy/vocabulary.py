@@ -17,11 +17,16 @@ OPERATIONS: Final = frozenset(
         "rotate",
         "flush",
         "status",
+        "hmac",
+        "list",
+        "random",
+        "hash",
+        "lookup-self",
     }
 )
 """Every operation a rule can name (plus ``"*"`` for all of them)."""
 
-KEYLESS_OPERATIONS: Final = frozenset({"status"})
+KEYLESS_OPERATIONS: Final = frozenset({"status", "list", "random", "hash", "lookup-self"})
 """Operations about the sidecar as a whole; requested with ``key=None``."""
 
 TTL_OPERATIONS: Final = frozenset({"datakey", "datakey-wrapped"})

@@ -16,10 +16,13 @@ from typing import Any
 
 from aiohttp import web
 
-from sidecar.backends.base import TRANSIT_TYPES
 from sidecar.errors import InvalidRequest
 from sidecar.policy.authorizer import AccessRequest
 from sidecar.server import fields
+from sidecar.server.hmac_routes import HMAC_ROUTES
+from sidecar.server.introspection import INTROSPECTION_ROUTES
+from sidecar.server.key_metadata import key_metadata
+from sidecar.server.key_version import check_key_version, requested_key_version
 from sidecar.server.pipeline import Pipeline
 from sidecar.server.routes import (
     WRITE,
@@ -34,6 +37,7 @@ from sidecar.server.routes import (
 )
 from sidecar.server.services import SERVICES, Services
 from sidecar.server.signing import SIGNING_ROUTES
+from sidecar.server.tools import TOOLS_ROUTES
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +47,7 @@ log = logging.getLogger(__name__)
 async def _datakey(
     call: Call, access: AccessRequest, item: Mapping[str, Any], body: Mapping[str, Any]
 ) -> Done:
+    version = requested_key_version(item)
     key = await call.services.keyring.generate_data_key(
         key_name(access),
         bits=fields.bits_field(item),
@@ -50,6 +55,7 @@ async def _datakey(
         associated_data=fields.base64_field(item, "associated_data"),
         ttl=access.ttl,
     )
+    check_key_version(version, key.root_version)
     data: dict[str, Any] = {
         "ciphertext": key.blob,
         "key_version": key.root_version,
@@ -64,6 +70,7 @@ async def _encrypt(
     call: Call, access: AccessRequest, item: Mapping[str, Any], body: Mapping[str, Any]
 ) -> Done:
     plaintext = fields.plaintext_field(item, call.services.config.server.max_plaintext_bytes)
+    version = requested_key_version(item)
     sealed = await call.services.keyring.encrypt(
         key_name(access),
         plaintext,
@@ -71,6 +78,7 @@ async def _encrypt(
         associated_data=fields.base64_field(item, "associated_data"),
         ttl=access.ttl,
     )
+    check_key_version(version, sealed.root_version)
     data = {
         "ciphertext": sealed.blob,
         "key_version": sealed.root_version,
@@ -110,7 +118,7 @@ async def _read_key(
 ) -> Done:
     name = key_name(access)
     info = await call.services.keyring.key_info(name)
-    return Done(_key_metadata(call, name, info))
+    return Done(key_metadata(call, name, info))
 
 
 async def _rotate(
@@ -118,33 +126,7 @@ async def _rotate(
 ) -> Done:
     name = key_name(access)
     info = await call.services.keyring.rotate(name)
-    return Done(_key_metadata(call, name, info), info.latest_version)
-
-
-def _key_metadata(call: Call, name: str, info: Any) -> dict[str, Any]:
-    keyring = call.services.keyring
-    symmetric = info.key_type == "aes256"
-    versions = range(info.min_decryption_version, info.latest_version + 1)
-    return {
-        "name": name,
-        "type": TRANSIT_TYPES.get(info.key_type, info.key_type),
-        "latest_version": info.latest_version,
-        "min_decryption_version": info.min_decryption_version,
-        "min_encryption_version": 0,
-        "keys": {
-            str(v): {"public_key": info.public_keys[v]} if v in info.public_keys else 1
-            for v in versions
-        },
-        "supports_encryption": symmetric,
-        "supports_decryption": symmetric,
-        "supports_derivation": False,
-        "supports_signing": not symmetric,
-        "exportable": False,
-        "deletion_allowed": bool(info.extra.get("deletion_allowed", False)),
-        "backend": keyring.backend.kind,
-        "root_key": info.name,
-        "kek": keyring.status().as_json()["keys"][name],
-    }
+    return Done(key_metadata(call, name, info), info.latest_version)
 
 
 # -- sidecar routes ------------------------------------------------------------------------
@@ -254,6 +236,9 @@ ROUTES: tuple[Route | Unguarded, ...] = (
     Route(("GET",), "/v1/sidecar/status", "status", _status),
     Route(WRITE, "/v1/sidecar/cache/flush", "flush", _flush, _flush_scope),
     *SIGNING_ROUTES,
+    *HMAC_ROUTES,
+    *TOOLS_ROUTES,
+    *INTROSPECTION_ROUTES,
     Unguarded(
         ("GET", "HEAD"),
         "/v1/sys/health",
@@ -264,7 +249,7 @@ ROUTES: tuple[Route | Unguarded, ...] = (
 )
 
 #: Routes reachable without authentication or a policy check, by explicit choice.
-UNGUARDED = frozenset({"/v1/sys/health", "/metrics"})
+UNGUARDED = frozenset({"/v1/sys/health", "/metrics", "/v1/sys/seal-status", "/v1/sys/leader"})
 
 
 def build_app(services: Services) -> web.Application:

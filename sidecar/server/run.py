@@ -32,6 +32,7 @@ from sidecar.server.connections import (
     tcp_listener,
 )
 from sidecar.server.eventloop import loop_name, loop_runner
+from sidecar.server.list_verb import ListVerbAppRunner
 from sidecar.server.listener import unix_listener
 from sidecar.server.services import Services
 from sidecar.server.socket_access import check_socket_access, describe_socket_access
@@ -155,7 +156,7 @@ async def serve(
         signal.SIGINT: stop.set,
         signal.SIGHUP: reload,
     }
-    runner = web.AppRunner(
+    runner = ListVerbAppRunner(
         make_app(services),
         handle_signals=False,
         access_log=None,

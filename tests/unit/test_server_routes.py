@@ -18,7 +18,12 @@ GUARDED = [route for route in ROUTES if isinstance(route, Route)]
 
 
 def _path(route: Route | Unguarded) -> str:
-    return route.path.replace("{name}", "payments").replace("{hash}", "sha2-256")
+    values = {"name": "payments", "hash": "sha2-256", "algorithm": "sha2-256"}
+    values.update(source="platform", urlbytes="16")
+    path = route.path
+    for placeholder, value in values.items():
+        path = path.replace(f"{{{placeholder}}}", value)
+    return path
 
 
 def _decisions(metrics: str, operation: str) -> int:
