@@ -41,7 +41,7 @@ def test_keys_are_listed_with_the_list_verb_and_with_list_true(
     path = "/v1/transit/keys" + ("?list=true" if method == "GET" else "")
     status, body = call(shipped, method, path)
     assert status == 200, body
-    assert body["data"] == {"keys": ["default", "payments"]}
+    assert body["data"] == {"keys": ["default", "payments", "signer", "spinning"]}
 
 
 def test_list_after_a_request_with_a_body_on_one_connection(shipped: Shipped) -> None:
@@ -52,7 +52,12 @@ def test_list_after_a_request_with_a_body_on_one_connection(shipped: Shipped) ->
             exchange(conn, "POST", "/v1/transit/encrypt/payments", {"plaintext": HELLO})[0] == 200
         )
         status, body = exchange(conn, "LIST", "/v1/transit/keys")
-        assert status == 200 and body["data"]["keys"] == ["default", "payments"], body
+        assert status == 200 and body["data"]["keys"] == [
+            "default",
+            "payments",
+            "signer",
+            "spinning",
+        ], body
         assert exchange(conn, "LIST", "/v1/transit/keys?foo=bar")[0] == 200
     finally:
         conn.close()
