@@ -385,9 +385,11 @@ class BoundedSite(web.SockSite):
         bounds: ConnectionBounds,
         backlog: int,
         ssl_context: Any = None,
+        handler: type[BoundedRequestHandler] = BoundedRequestHandler,
     ) -> None:
         super().__init__(runner, sock, backlog=backlog, ssl_context=ssl_context)
         self._bounds = bounds
+        self._handler = handler
 
     async def start(self) -> None:
         await web.BaseSite.start(self)
@@ -395,9 +397,10 @@ class BoundedSite(web.SockSite):
         assert server is not None
         loop = asyncio.get_running_loop()
         bounds = self._bounds
+        handler = self._handler
 
         def connection() -> BoundedRequestHandler:
-            return BoundedRequestHandler(
+            return handler(
                 server,
                 bounds=bounds,
                 loop=loop,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import signal
 from collections.abc import AsyncIterator, Callable
@@ -32,7 +33,7 @@ from sidecar.server.connections import (
     tcp_listener,
 )
 from sidecar.server.eventloop import loop_name, loop_runner
-from sidecar.server.list_verb import ListVerbAppRunner
+from sidecar.server.list_verb import ListVerbRequestHandler
 from sidecar.server.listener import unix_listener
 from sidecar.server.services import Services
 from sidecar.server.socket_access import check_socket_access, describe_socket_access
@@ -156,7 +157,7 @@ async def serve(
         signal.SIGINT: stop.set,
         signal.SIGHUP: reload,
     }
-    runner = ListVerbAppRunner(
+    runner = web.AppRunner(
         make_app(services),
         handle_signals=False,
         access_log=None,
@@ -186,12 +187,13 @@ async def serve(
                 await kms_v2.enter_async_context(
                     kms_v2_server(config, provider, drain_timeout=server.drain_timeout)
                 )
-            await BoundedSite(runner, sock, bounds=bounds, backlog=backlog).start()
+            site = functools.partial(
+                BoundedSite, runner, bounds=bounds, backlog=backlog, handler=ListVerbRequestHandler
+            )
+            await site(sock).start()
             if tls is not None:
                 tcp = tcp_listener(server.tcp_address, backlog)
-                await BoundedSite(
-                    runner, tcp, bounds=bounds, backlog=backlog, ssl_context=tls.context
-                ).start()
+                await site(tcp, ssl_context=tls.context).start()
             for sig, handler in handlers.items():
                 with contextlib.suppress(NotImplementedError, RuntimeError):
                     loop.add_signal_handler(sig, handler)
