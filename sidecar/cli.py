@@ -44,14 +44,14 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     from sidecar.audit.record import load_hmac_key
     from sidecar.config_report import references
     from sidecar.policy import load_policies
-    from sidecar.server.socket_access import check_socket_access
+    from sidecar.server.socket_access import check_config_sockets
 
     config = _config_from(args)
     found = references(config)
     policies_dir = config.resolve_path(config.policies.dir)
     if os.path.isdir(policies_dir):
         policy_set = load_policies(policies_dir)  # a bad file is an error: file, line, reason
-        check_socket_access(config.server.socket_mode_bits, policy_set.rules)
+        check_config_sockets(config, policy_set.rules)
         rules = len(policy_set)
         policies = f"{rules} policy rule{'' if rules == 1 else 's'} in {policies_dir}"
     else:

@@ -36,7 +36,7 @@ from sidecar.server.eventloop import loop_name, loop_runner
 from sidecar.server.list_verb import ListVerbRequestHandler
 from sidecar.server.listener import unix_listener
 from sidecar.server.services import Services
-from sidecar.server.socket_access import check_socket_access, describe_socket_access
+from sidecar.server.socket_access import check_config_sockets, describe_socket_access
 from sidecar.server.tls import ServerTls
 from sidecar.telemetry import Metrics, install_tracer_provider
 
@@ -67,9 +67,7 @@ def build_services(config: Config, backend: RootKeyBackend) -> Services:
         ),
         authorizer=PolicyAuthorizer(
             config.resolve_path(config.policies.dir),
-            check=lambda policies: check_socket_access(
-                config.server.socket_mode_bits, policies.rules
-            ),
+            check=lambda policies: check_config_sockets(config, policies.rules),
         ),
         metrics=Metrics(state),
         audit=audit,

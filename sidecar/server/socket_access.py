@@ -11,8 +11,9 @@ local user in. :func:`check_socket_access` refuses exactly that, at start and on
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
+from sidecar.config import Config
 from sidecar.errors import ConfigError
 from sidecar.policy import Rule
 
@@ -30,10 +31,12 @@ def open_to_every_user(rule: Rule) -> bool:
     return rule.effect == "allow" and all(c.key in _FORGEABLE_CONDITIONS for c in rule.conditions)
 
 
-def check_socket_access(mode: int, rules: Iterable[Rule]) -> None:
+def check_socket_access(
+    mode: int, rules: Iterable[Rule], *, setting: str = "server.socket_mode"
+) -> None:
     """Refuse a world-connectable ``mode`` with a rule any local user satisfies.
 
-    Raises ``ConfigError`` naming ``server.socket_mode``, the rule and its file.
+    Raises ``ConfigError`` naming ``setting`` (the mode's config key), the rule and its file.
     """
     if not world_connectable(mode):
         return
@@ -41,11 +44,19 @@ def check_socket_access(mode: int, rules: Iterable[Rule]) -> None:
         if open_to_every_user(rule):
             where = f" ({rule.source})" if rule.source else ""
             raise ConfigError(
-                f"server.socket_mode: {mode:04o} lets every local user connect, and allow rule "
+                f"{setting}: {mode:04o} lets every local user connect, and allow rule "
                 f"{rule.name!r}{where} has no condition that tells callers apart "
                 "(no unix_uid, unix_gid, jwt_* or spiffe_id), so every local user would be "
                 "allowed; add such a condition to the rule or use a mode such as '0660'"
             )
+
+
+def check_config_sockets(config: Config, rules: Collection[Rule]) -> None:
+    """:func:`check_socket_access` for every socket ``config`` listens on: the main one and, when
+    it is on, the KMS v2 plugin's (the same rules decide there)."""
+    check_socket_access(config.server.socket_mode_bits, rules)
+    if config.kms_v2.enabled:
+        check_socket_access(config.kms_v2.socket_mode_bits, rules, setting="kms_v2.socket_mode")
 
 
 def describe_socket_access(mode: int, group: str) -> str:
