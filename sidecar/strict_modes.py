@@ -75,6 +75,8 @@ def tighten_file(path: str, *, setting: str) -> None:
         st = os.stat(path)
     except FileNotFoundError:
         return
+    if not stat.S_ISREG(st.st_mode):
+        return  # not a file the sidecar keeps: opening it refuses it, naming what it is
     if not _trusted_owner(st.st_uid):
         raise ConfigError(
             f"{setting}: {path} is owned by uid {st.st_uid}, another user; it must belong to "

@@ -302,11 +302,28 @@ def _verify_ordered(paths: list[str], head: str | None, notes: list[str]) -> Ver
         assert record is not None
         if last_record is None:
             first_seq = record.seq
+            if record.event == "file_replaced":
+                problem = Break(
+                    "deleted",
+                    entry.file,
+                    entry.line,
+                    record.seq,
+                    f"the live audit file was {record.fields.get('how')} while the sidecar ran; "
+                    f"the records up to seq {record.fields.get('previous_last_seq')} it held "
+                    "are not in the files given",
+                )
+                break
             if record.seq > 1:
                 notes.append(
                     f"the chain starts at seq {record.seq} ({entry.file} line {entry.line}): "
                     "the records before it are in files not given, or were removed"
                 )
+        if record.event == "file_replaced" and last_record is not None:
+            notes.append(
+                f"{entry.file} line {entry.line} (seq {record.seq}): the live audit file was "
+                f"{record.fields.get('how')} while the sidecar ran; its records are among the "
+                "files given"
+            )
         if record.event == "recovered":
             notes.append(
                 f"{entry.file} line {entry.line} (seq {record.seq}): a torn record of "

@@ -210,6 +210,10 @@ class AuditLog:
         try:
             await self._loop.run_in_executor(self._executor, self._sink.open_at_start)
             await self._commit([start], [])
+        except ConfigError:  # the host check refused the directory or the file: stop start-up
+            self._executor.shutdown(wait=True)
+            self._state = "closed"
+            raise
         except (NotAnAuditLog, CommitFailed, OSError) as exc:
             reason = exc.reason if isinstance(exc, CommitFailed) else reason_of(exc)
             if self.fail_closed or isinstance(exc, NotAnAuditLog):

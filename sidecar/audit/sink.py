@@ -4,8 +4,15 @@ made durable, rotated by size. Every method of :class:`FileSink` runs in the log
 The file is created with mode 0600 (its directory 0700), locked with ``flock`` against a second
 writer, and rotated when it would exceed ``max_file_bytes``: ``audit.log`` is renamed
 ``audit.log.<UTC time>`` (``-2``, ``-3``... on a clash) and the chain continues in a new
-``audit.log``. When the file is moved, replaced or removed under the sidecar, the next commit
-opens a new one and the chain says so in a ``resumed`` record.
+``audit.log``.
+
+The host is checked as sshd's StrictModes does (:mod:`sidecar.strict_modes`): the directory
+and every one above it must be writable only by root or the sidecar's user (sticky excepted),
+and an existing file others may write is set to 0600, with a warning. When the live file is
+deleted, moved or replaced under the sidecar, the next commit notices (its inode changed), logs
+at ERROR, opens a new file and writes a ``file_replaced`` record there first (then the
+``resumed`` record saying why writing moved on); ``audit verify`` refuses a chain that starts
+with one, since the records before it are gone.
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ from sidecar.audit.chain import GENESIS, seal
 from sidecar.audit.durable import free_name, fsync_dir, stamp, write_all
 from sidecar.audit.record import AuditRecord, format_time
 from sidecar.audit.recovery import NotAnAuditLog, latest_rotated, scan_tail, set_aside
+from sidecar.errors import ConfigError
+from sidecar.strict_modes import check_directory, tighten_file
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +100,11 @@ class FileSink:
         for a path that cannot be written and :class:`NotAnAuditLog` for a foreign file.
         """
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        check_directory(self.directory, setting="audit.path", holds="the audit log")
         self._open()
 
     def _open(self) -> None:
+        tighten_file(self.path, setting="audit.path")
         fd = os.open(self.path, _APPEND_FLAGS, 0o600)
         try:
             info = os.fstat(fd)
@@ -107,8 +118,6 @@ class FileSink:
                 ) from None
             if info.st_size == 0:
                 fsync_dir(self.directory)  # the new file's name must survive a crash too
-            elif info.st_mode & 0o022:
-                log.warning("audit log %s is writable by group or others", self.path)
             self.carry.extend(self._continue_chain(fd, info.st_size))
         except BaseException:
             os.close(fd)
@@ -163,6 +172,34 @@ class FileSink:
             return False
         return (info.st_dev, info.st_ino) == self.ident
 
+    def _record_replaced(self) -> None:
+        """The live file is no longer at the path: say so in the log and, first, in the chain."""
+        assert self.fd is not None and self.ident is not None
+        try:
+            links = os.fstat(self.fd).st_nlink
+        except OSError:
+            links = 0
+        how = "deleted" if links == 0 else "moved or replaced"
+        log.error(
+            "audit log %s was %s under the sidecar (inode %d); records up to seq %s were in it. "
+            "Continuing the chain in a new file, which records the gap",
+            self.path,
+            how,
+            self.ident[1],
+            self.seq,
+        )
+        self.carry.append(
+            AuditRecord(
+                {
+                    "event": "file_replaced",
+                    "time": format_time(self.clock()),
+                    "how": how,
+                    "previous_inode": self.ident[1],
+                    "previous_last_seq": self.seq,
+                }
+            )
+        )
+
     def close(self) -> None:
         if self.fd is not None:
             fd, self.fd = self.fd, None
@@ -178,6 +215,7 @@ class FileSink:
         """
         try:
             if self.fd is not None and not self._still_ours():
+                self._record_replaced()
                 self.close()
                 self.note_reason("the audit file was moved, replaced or removed")
             if self.fd is None:
@@ -185,7 +223,7 @@ class FileSink:
                     self.open_at_start()
                 else:
                     self._open()
-        except (OSError, NotAnAuditLog) as exc:
+        except (OSError, NotAnAuditLog, ConfigError) as exc:
             self.close()
             self.note_reason(reason_of(exc))
             raise CommitFailed(reason_of(exc), 0) from exc

@@ -365,8 +365,14 @@ async def test_unwritable_log_refuses_with_fail_closed_and_recovers(
     fix_it()
     await log.write(request(4))
     assert log.healthy
-    assert [r["event"] for r in records(path)] == ["start", "request", "resumed", "request"]
-    resumed = records(path)[2]
+    assert [r["event"] for r in records(path)] == [
+        "start",
+        "request",
+        "file_replaced",
+        "resumed",
+        "request",
+    ]
+    resumed = records(path)[3]
     assert "moved, replaced or removed" in resumed["reason"]
     assert resumed["dropped"] == 0  # fail-closed refuses; it never drops
     assert [r["request_id"] for r in records(path) if r["event"] == "request"] == [
@@ -429,7 +435,7 @@ async def test_a_removed_log_file_is_recreated_and_the_gap_is_visible(
 
     await log.write(request(2))
     assert log.healthy
-    assert events(path) == ["resumed", "request"]
+    assert events(path) == ["file_replaced", "resumed", "request"]
     assert records(path)[0]["seq"] == 3  # the chain went on; it did not restart at 1
     both = verify([str(tmp_path / "stolen.log"), str(path)], head=log.head)
     assert both.ok, both.problem
