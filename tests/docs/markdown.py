@@ -6,8 +6,8 @@ A fenced block is run when the line before its opening fence is a marker comment
     <!-- doctest: exit=1 -->    every command must exit 1 (e.g. a denied `policy check`)
     <!-- doctest: subset -->    a JSON output shown may leave fields out
 
-- In a ```` ```sh ```` block every command is run (a line ending in ``\\`` continues it, a
-  here-document runs to its end marker; ``#`` lines are comments); outputs are not compared.
+- In a ```` ```sh ```` block every command is run (a line ending in ``\\``, ``|``, ``&&`` or
+  ``||`` continues it, a here-document runs to its end marker; ``#`` lines are comments); outputs are not compared.
 - In a ```` ```console ```` block, ``$ `` starts a command (continued like above); the lines up
   to the next ``$ `` are its output, compared by :func:`output_matches`.
 
@@ -86,6 +86,8 @@ def _blocks(path: Path) -> list[_Block]:
     return blocks
 
 
+#: A line ending so goes on on the next line, as in a shell.
+_CONTINUED = ("\\", "|", "&&", "||")
 _HEREDOC = re.compile(r"<<-?\s*(['\"]?)(\w+)\1")
 
 
@@ -94,7 +96,7 @@ def _joined(lines: list[str], start: int) -> tuple[str, int]:
     (``<<'EOF'`` … ``EOF``); the index after it."""
     parts = [lines[start]]
     i = start
-    while parts[-1].rstrip().endswith("\\") and i + 1 < len(lines):
+    while parts[-1].rstrip().endswith(_CONTINUED) and i + 1 < len(lines):
         i += 1
         parts.append(lines[i])
     heredoc = _HEREDOC.search("\n".join(parts))

@@ -52,6 +52,12 @@ def test_only_marked_blocks_are_extracted(tmp_path: Path) -> None:
     assert found[4].output == '{"a": 1}' and found[4].subset
 
 
+def test_a_pipe_at_the_end_of_a_line_continues_the_command(tmp_path: Path) -> None:
+    page = tmp_path / "page.md"
+    page.write_text("<!-- doctest -->\n```sh\necho '{}' |\n  jq .\ntrue &&\n  true\n```\n")
+    assert [c.text for c in commands(page)] == ["echo '{}' |\n  jq .", "true &&\n  true"]
+
+
 def test_json_is_compared_by_fields_and_values() -> None:
     shown = '{"data": {"ciphertext": "sidecar:v1:…", "key_version": 1, "x": "…"}}'
     assert (
