@@ -23,8 +23,7 @@ import socket
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import cast
+from typing import NamedTuple, cast
 
 import httptools
 
@@ -37,8 +36,7 @@ _RECV_BYTES = 64 * 1024
 _HOST = b"localhost"
 
 
-@dataclass(frozen=True, slots=True)
-class RawAnswer:
+class RawAnswer(NamedTuple):
     """An HTTP answer as it came: status, the ``Retry-After`` header, and the body bytes."""
 
     status: int
