@@ -68,9 +68,10 @@ class AsyncClient:
 
     ``socket_path`` defaults to ``$KMS_SIDECAR_SOCKET``, then ``/run/kms-sidecar/sidecar.sock``.
     ``token`` (a JWT) is sent as ``Authorization: Bearer``; without it the sidecar knows the caller
-    by its Unix peer credentials. ``timeout`` (seconds) bounds each request. Use it as
-    ``async with AsyncClient() as client:`` or call ``aclose()``; its connection pool belongs to
-    the event loop of first use.
+    by its Unix peer credentials. ``timeout`` (seconds) bounds connecting (including a wait for
+    a free connection when ``max_connections``, default 64, are all busy) and each answer. Use
+    it as ``async with AsyncClient() as client:`` or call ``aclose()``; its connections belong
+    to the event loop of first use.
 
     Every method raises a :class:`~sidecar.errors.SidecarError`: the sidecar's own class for
     errors it reports (``DecryptionFailed``, ``PermissionDenied``, ``RateLimited`` with
@@ -84,12 +85,16 @@ class AsyncClient:
         *,
         token: str | None = None,
         timeout: float = 10.0,
+        max_connections: int = 64,
     ) -> None:
         self.socket_path = resolve_socket_path(socket_path)
         self.timeout = timeout
         self._headers = _headers(token)
         self._transport = AsyncUnixTransport(
-            self.socket_path, timeout=timeout, headers=self._headers
+            self.socket_path,
+            timeout=timeout,
+            headers=self._headers,
+            max_connections=max_connections,
         )
 
     def __repr__(self) -> str:

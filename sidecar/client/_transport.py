@@ -397,6 +397,8 @@ class AsyncUnixTransport:
             finally:
                 if not ready.done():
                     ready.cancel()
+            if self._closed:
+                raise RuntimeError("The client is closed.")
             idle = self._take_idle()
             if idle is not None:
                 return idle

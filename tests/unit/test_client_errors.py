@@ -364,6 +364,14 @@ async def test_many_concurrent_calls_share_a_bounded_set_of_connections(
     assert len(fake.connections) <= 64  # the kept-alive ones were reused
 
 
+async def test_calls_beyond_max_connections_wait_for_a_free_one(fake: FakeSidecar) -> None:
+    fake.answer(200, {"data": {"ok": 1}})
+    async with AsyncClient(fake.socket_path, max_connections=2) as client:
+        results = await asyncio.gather(*(client.status() for _ in range(30)))
+    assert results == [{"ok": 1}] * 30
+    assert len(fake.connections) <= 2
+
+
 async def test_health_not_ready_is_an_answer_with_the_reason(
     fake: FakeSidecar, call: Callable[..., Any]
 ) -> None:
