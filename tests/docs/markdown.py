@@ -7,9 +7,10 @@ A fenced block is run when the line before its opening fence is a marker comment
     <!-- doctest: subset -->    a JSON output shown may leave fields out
 
 - In a ```` ```sh ```` block every command is run (a line ending in ``\\``, ``|``, ``&&`` or
-  ``||`` continues it, a here-document runs to its end marker; ``#`` lines are comments); outputs are not compared.
+  ``||`` continues it, a here-document runs to its end marker; ``#`` lines are comments);
+  outputs are not compared.
 - In a ```` ```console ```` block, ``$ `` starts a command (continued like above); the lines up
-  to the next ``$ `` are its output, compared by :func:`output_matches`.
+  to the next ``$ `` are its output, compared by :func:`output_mismatch`.
 
 Commands of one page share one shell, in page order, so a variable one block exports is there in
 the next. ``$SOCK``, ``$KMS_SIDECAR_CONFIG``, ``$UPSTREAM`` and ``$UPSTREAM_TOKEN`` come from the
