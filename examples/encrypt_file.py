@@ -1,7 +1,8 @@
 """Encrypt or decrypt a file with a fresh data key from kms-sidecar.
 
-    python examples/encrypt_file.py encrypt --key payments --context tenant=acme a.pdf a.kms
-    python examples/encrypt_file.py decrypt --key payments a.kms a.pdf
+    # with `kms-sidecar dev` running, after pasting the `export SOCK=…` line it prints:
+    .venv/bin/python examples/encrypt_file.py encrypt --socket "$SOCK" --key default a.pdf a.kms
+    .venv/bin/python examples/encrypt_file.py decrypt --socket "$SOCK" a.kms a.pdf
 
 The sealed file carries the wrapped data key, the key name and the context, so decrypting needs
 only the file. ``--socket`` defaults to ``$KMS_SIDECAR_SOCKET``, then the sidecar's usual path.
