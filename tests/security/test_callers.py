@@ -1,7 +1,7 @@
 """Who may call, over real sockets: JWT tenants, mTLS SPIFFE IDs, deny-wins and rate limits.
 
-Real OpenBao behind the sidecar, a JWKS served over loopback HTTP, TLS 1.3 handshakes with
-certificates made by ``cryptography`` in fixtures.
+The installed ``kms-sidecar run`` process on uvloop and on asyncio's loop, a real OpenBao behind
+it, a JWKS file, TLS 1.3 handshakes with certificates made by ``cryptography`` in fixtures.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import os
 import socket
 import ssl
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +23,17 @@ from cryptography import x509
 
 from sidecar.devserver import DevOpenBao
 from tests.conftest import (
+    LOOPS,
     TOKEN_ENV,
-    RunningSidecar,
+    ProcessSidecar,
+    Response,
     request,
-    sidecar_config,
-    vault_sections,
+    shipped_sidecar,
 )
 from tests.pki import TlsFiles, make_tls_files, new_ca, server_cert, write_pem
-from tests.security.test_jwt import AUDIENCE, ISSUER, Keys, jwks_endpoint, keys  # fixtures
+from tests.security.test_jwt import AUDIENCE, ISSUER, Keys, jwks, keys  # fixtures
 
-__all__ = ["jwks_endpoint", "keys"]
+__all__ = ["keys"]
 
 UID = os.getuid()
 DATAKEY = "/v1/transit/datakey/plaintext/payments"
@@ -84,40 +87,49 @@ def token(private: Any, kid: str = "rsa-1", **claims: Any) -> str:
     return jwt.encode(body, private, algorithm="RS256", headers={"kid": kid})
 
 
-@pytest.fixture
+@dataclass
+class Guarded:
+    """The shipped process behind :data:`POLICY`, with its mTLS listener's PKI."""
+
+    sidecar: ProcessSidecar
+    tls: TlsFiles
+
+    def request(self, method: str, path: str, body: Any = None, **kwargs: Any) -> Response:
+        return self.sidecar.request(method, path, body, **kwargs)
+
+
+@pytest.fixture(scope="module", params=LOOPS)
 def guarded(
-    openbao: DevOpenBao,
-    run_sidecar: Any,
-    short_tmp: Path,
-    jwks_endpoint: Any,
-    tls_files: TlsFiles,
-) -> RunningSidecar:
-    sections = vault_sections(openbao, {"payments": {}, "local": {}, "orders": {}})
-    sidecar: RunningSidecar = run_sidecar(
-        sidecar_config(
-            short_tmp / "g.sock",
-            policy=POLICY,
-            auth={
-                "jwt_issuer": ISSUER,
-                "jwt_audiences": [AUDIENCE],
-                "jwt_jwks_url": jwks_endpoint.url,
-            },
-            server={
-                "tcp_address": f"127.0.0.1:{tls_files.port}",
-                "tls_cert_file": str(tls_files.server_cert),
-                "tls_key_file": str(tls_files.server_key),
-                "tls_client_ca_file": str(tls_files.ca_cert),
-            },
-            **sections,
-        )
+    request: pytest.FixtureRequest, openbao: DevOpenBao, module_tmp: Path, keys: Keys
+) -> Iterator[Guarded]:
+    """``kms-sidecar run`` as installed, on each event loop: JWTs from a JWKS file, the mTLS
+    listener, and :data:`POLICY`."""
+    loop: str = request.param
+    directory = module_tmp / loop
+    directory.mkdir()
+    tls = make_tls_files(directory)
+    (directory / "policies").mkdir()
+    (directory / "policies" / "p.toml").write_text(POLICY)
+    (directory / "jwks.json").write_text(json.dumps(jwks(keys)))
+    sock = directory / "g.sock"
+    config = directory / "sidecar.toml"
+    config.write_text(
+        f'[server]\nsocket = "{sock}"\nsocket_mode = "0600"\n'
+        f'tcp_address = "127.0.0.1:{tls.port}"\ntls_cert_file = "server.crt"\n'
+        'tls_key_file = "server.key"\ntls_client_ca_file = "ca.crt"\n'
+        f'[auth]\njwt_issuer = "{ISSUER}"\njwt_audiences = ["{AUDIENCE}"]\n'
+        'jwt_jwks_file = "jwks.json"\n'
+        f'[backend.vault]\naddresses = ["{openbao.address}"]\ntoken_env = "{TOKEN_ENV}"\n'
+        "[keys.payments]\n[keys.local]\n[keys.orders]\n"
     )
-    return sidecar
+    with shipped_sidecar(config, sock, loop=loop) as sidecar:
+        yield Guarded(sidecar, tls)
 
 
 # -- JWT ----------------------------------------------------------------------------------
 
 
-def test_jwt_caller_gets_keys_only_for_its_own_tenant(guarded: RunningSidecar, keys: Keys) -> None:
+def test_jwt_caller_gets_keys_only_for_its_own_tenant(guarded: Guarded, keys: Keys) -> None:
     acme = {"Authorization": f"Bearer {token(keys.rsa_key, tenant='acme')}"}
     made = guarded.request(
         "POST", DATAKEY, {"encryption_context": {"tenant": "acme"}}, headers=acme
@@ -151,9 +163,7 @@ def test_jwt_caller_gets_keys_only_for_its_own_tenant(guarded: RunningSidecar, k
     "case",
     ["expired", "wrong issuer", "wrong audience", "unknown key", "garbage", "alg none"],
 )
-def test_hostile_tokens_are_401_over_the_socket(
-    guarded: RunningSidecar, keys: Keys, case: str
-) -> None:
+def test_hostile_tokens_are_401_over_the_socket(guarded: Guarded, keys: Keys, case: str) -> None:
     now = int(time.time())
     tokens = {
         "expired": token(
@@ -183,13 +193,13 @@ def test_hostile_tokens_are_401_over_the_socket(
 # -- peer credentials: deny wins, rate limits ----------------------------------------------
 
 
-def test_deny_rule_wins_over_allow(guarded: RunningSidecar) -> None:
+def test_deny_rule_wins_over_allow(guarded: Guarded) -> None:
     assert guarded.request("POST", "/v1/transit/datakey/plaintext/orders").status == 200
     denied = guarded.request("POST", "/v1/transit/keys/orders/rotate")
     assert denied.status == 403 and denied.code == "permission_denied"
 
 
-def test_unknown_key_is_refused_exactly_like_a_forbidden_one(guarded: RunningSidecar) -> None:
+def test_unknown_key_is_refused_exactly_like_a_forbidden_one(guarded: Guarded) -> None:
     forbidden = guarded.request("POST", "/v1/transit/datakey/plaintext/payments")  # no rule for uid
     unknown = guarded.request("POST", "/v1/transit/datakey/plaintext/nosuch")
     assert forbidden.status == unknown.status == 403
@@ -198,7 +208,7 @@ def test_unknown_key_is_refused_exactly_like_a_forbidden_one(guarded: RunningSid
     ].replace("nosuch", "X")
 
 
-def test_rate_limit_answers_429_with_retry_after(guarded: RunningSidecar) -> None:
+def test_rate_limit_answers_429_with_retry_after(guarded: Guarded) -> None:
     answers = [guarded.request("POST", "/v1/transit/datakey/plaintext/local") for _ in range(12)]
     statuses = [a.status for a in answers]
     assert statuses.count(200) >= 5 and 429 in statuses, statuses
@@ -231,31 +241,27 @@ def mtls_request(
         conn.close()
 
 
-def test_mtls_caller_is_known_by_its_spiffe_id(
-    guarded: RunningSidecar, tls_files: TlsFiles
-) -> None:
-    prod = tls_files.client("api", spiffe_id="spiffe://example.org/ns/prod/sa/api")
-    status, body = mtls_request(tls_files, prod)
+def test_mtls_caller_is_known_by_its_spiffe_id(guarded: Guarded) -> None:
+    prod = guarded.tls.client("api", spiffe_id="spiffe://example.org/ns/prod/sa/api")
+    status, body = mtls_request(guarded.tls, prod)
     assert status == 200, body
     assert body["data"]["ciphertext"].startswith("sidecar:v")
-    staging = tls_files.client("stg", spiffe_id="spiffe://example.org/ns/staging/sa/api")
-    status, body = mtls_request(tls_files, staging)
+    staging = guarded.tls.client("stg", spiffe_id="spiffe://example.org/ns/staging/sa/api")
+    status, body = mtls_request(guarded.tls, staging)
     assert status == 403 and body["code"] == "permission_denied"
 
 
 @pytest.mark.parametrize("case", ["no certificate", "another CA", "expired", "TLS 1.2"])
-def test_mtls_refuses_bad_clients_at_the_handshake(
-    guarded: RunningSidecar, tls_files: TlsFiles, case: str
-) -> None:
+def test_mtls_refuses_bad_clients_at_the_handshake(guarded: Guarded, case: str) -> None:
     spiffe = "spiffe://example.org/ns/prod/sa/api"
     client = {
         "no certificate": None,
-        "another CA": tls_files.client("rogue", spiffe_id=spiffe, ca=new_ca("rogue CA")),
-        "expired": tls_files.client("old", spiffe_id=spiffe, expired=True),
-        "TLS 1.2": tls_files.client("legacy", spiffe_id=spiffe),
+        "another CA": guarded.tls.client("rogue", spiffe_id=spiffe, ca=new_ca("rogue CA")),
+        "expired": guarded.tls.client("old", spiffe_id=spiffe, expired=True),
+        "TLS 1.2": guarded.tls.client("legacy", spiffe_id=spiffe),
     }[case]
     with pytest.raises((ssl.SSLError, ConnectionError, socket.error)):
-        mtls_request(tls_files, client, tls12=case == "TLS 1.2")
+        mtls_request(guarded.tls, client, tls12=case == "TLS 1.2")
 
 
 def _listening(port: int) -> bool:
@@ -326,7 +332,6 @@ def test_sighup_withdraws_a_jwt_signing_key(
     import signal
 
     from tests.conftest import sidecar_process, wait_for
-    from tests.security.test_jwt import jwks
 
     jwks_file = short_tmp / "jwks.json"
     jwks_file.write_text(json.dumps(jwks(keys)))
