@@ -95,6 +95,10 @@ class AuthConfig:
     jwt_audiences: tuple[str, ...] = ()
     jwt_jwks_file: str = ""
     jwt_jwks_url: str = ""
+    #: For ``jwt_jwks_url``: a CA bundle to trust instead of the system's, and a file whose
+    #: token is sent as ``Authorization: Bearer`` (a cluster's own JWKS endpoint needs both).
+    jwt_jwks_ca_file: str = ""
+    jwt_jwks_token_file: str = ""
     jwt_public_keys: tuple[str, ...] = ()
     jwt_algorithms: tuple[str, ...] = ("RS256", "ES256", "EdDSA")
     jwt_leeway: float = _duration("30s")

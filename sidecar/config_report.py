@@ -72,8 +72,9 @@ def references(config: Config) -> list[Reference]:
     if server.tcp_address:
         for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file"):
             found.append(_file(f"server.{name}", path(getattr(server, name))))
-    if auth.jwt_jwks_file:
-        found.append(_file("auth.jwt_jwks_file", path(auth.jwt_jwks_file)))
+    for name in ("jwt_jwks_file", "jwt_jwks_ca_file", "jwt_jwks_token_file"):
+        if getattr(auth, name):
+            found.append(_file(f"auth.{name}", path(getattr(auth, name))))
     for i, key in enumerate(auth.jwt_public_keys):
         if "-----BEGIN" not in key:
             found.append(_file(f"auth.jwt_public_keys[{i}]", path(key)))

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import ssl
 import urllib.request
 from collections.abc import Callable, Sequence
 from typing import Final
@@ -38,16 +39,44 @@ Fetch = Callable[[str, float], bytes]
 """URL and timeout (seconds) → body bytes; blocking, run in a thread."""
 
 
-def fetch_url(url: str, timeout: float) -> bytes:
-    """GET ``url`` (blocking; run it in a thread). Raises ``OSError``/``ValueError``."""
+def fetch_url(
+    url: str,
+    timeout: float,
+    *,
+    context: ssl.SSLContext | None = None,
+    token_file: str = "",
+) -> bytes:
+    """GET ``url`` (blocking; run it in a thread). Raises ``OSError``/``ValueError``.
+
+    ``context`` replaces the system's trusted CAs; ``token_file``'s content, read at each fetch
+    (the kubelet replaces a projected token before it expires), goes as ``Authorization: Bearer``.
+    """
+    headers = {"Accept": "application/json", "User-Agent": "kms-sidecar"}
+    if token_file:
+        with open(token_file, encoding="ascii") as fh:
+            headers["Authorization"] = f"Bearer {fh.read().strip()}"
     request = urllib.request.Request(  # noqa: S310 - the scheme is checked to be http(s) at start
-        url, headers={"Accept": "application/json", "User-Agent": "kms-sidecar"}
+        url, headers=headers
     )
-    with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+    with urllib.request.urlopen(request, timeout=timeout, context=context) as response:  # noqa: S310
         body: bytes = response.read(MAX_JWKS_BYTES + 1)
     if len(body) > MAX_JWKS_BYTES:
         raise ValueError(f"the JWKS is larger than {MAX_JWKS_BYTES} bytes")
     return body
+
+
+def cluster_fetcher(ca_file: str, token_file: str) -> Fetch:
+    """:func:`fetch_url` as a Kubernetes cluster's own JWKS endpoint needs it
+    (``https://kubernetes.default.svc/openid/v1/jwks``): the cluster's CA (``ca_file``, PEM;
+    ``""`` keeps the system's) and a service-account token (``token_file``; ``""`` sends none).
+    Raises ``ssl.SSLError``/``OSError`` for an unusable CA file.
+    """
+    context = ssl.create_default_context(cafile=ca_file) if ca_file else None
+
+    def fetch(url: str, timeout: float) -> bytes:
+        return fetch_url(url, timeout, context=context, token_file=token_file)
+
+    return fetch
 
 
 class JwtKeySources:

@@ -40,7 +40,7 @@ from typing import Any, Final
 import jwt
 from jwt.types import Options
 
-from sidecar.auth.jwks import Fetch, JwtKeySources, fetch_url
+from sidecar.auth.jwks import Fetch, JwtKeySources, cluster_fetcher, fetch_url
 from sidecar.auth.jwt_keys import ASYMMETRIC_ALGORITHMS, VerificationKey, keys_from_pem
 from sidecar.config import AuthConfig
 from sidecar.errors import ConfigError, Unauthenticated
@@ -104,6 +104,8 @@ class JwtVerifier:
                 static.extend(keys_from_pem(text, origin=where))
             except (OSError, ValueError) as exc:
                 raise ConfigError(f"{where}: {exc}") from None
+        if fetch is fetch_url and (auth.jwt_jwks_ca_file or auth.jwt_jwks_token_file):
+            fetch = self._cluster_fetcher(auth)
         self.sources = JwtKeySources(
             static=static,
             jwks_file=self._path(auth.jwt_jwks_file) if auth.jwt_jwks_file else "",
@@ -156,6 +158,24 @@ class JwtVerifier:
                 raise ConfigError("auth.jwt_jwks_url: expected an https:// URL")
             if parsed.scheme == "http" and parsed.hostname not in ("127.0.0.1", "::1", "localhost"):
                 log.warning("auth.jwt_jwks_url uses plain http; the signing keys can be tampered")
+            if auth.jwt_jwks_token_file and parsed.scheme != "https":
+                raise ConfigError(
+                    "auth.jwt_jwks_token_file: the token is sent only to an https:// jwt_jwks_url"
+                )
+        for name in ("jwt_jwks_ca_file", "jwt_jwks_token_file"):
+            if getattr(auth, name) and not auth.jwt_jwks_url:
+                raise ConfigError(f"auth.{name}: only used with auth.jwt_jwks_url, which is empty")
+
+    def _cluster_fetcher(self, auth: AuthConfig) -> Fetch:
+        """The JWKS fetch for a cluster's own issuer: its CA and a token, both checked now."""
+        token_file = self._path(auth.jwt_jwks_token_file) if auth.jwt_jwks_token_file else ""
+        if token_file and not os.access(token_file, os.R_OK):
+            raise ConfigError(f"auth.jwt_jwks_token_file: cannot read {token_file}")
+        ca_file = self._path(auth.jwt_jwks_ca_file) if auth.jwt_jwks_ca_file else ""
+        try:
+            return cluster_fetcher(ca_file, token_file)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise ConfigError(f"auth.jwt_jwks_ca_file: cannot use {ca_file}: {exc}") from None
 
     # --- keys ---------------------------------------------------------------------------------
 

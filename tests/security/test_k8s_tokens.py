@@ -9,8 +9,12 @@ ConfigMap (``kubectl get --raw /openid/v1/jwks``). Real OpenBao behind it.
 from __future__ import annotations
 
 import json
+import ssl
+import threading
 import time
 import uuid
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +23,12 @@ import pytest
 import yaml
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from sidecar.auth import JwtVerifier, jwks
+from sidecar.config import config_from_mapping
 from sidecar.devserver import DevOpenBao
+from sidecar.errors import ConfigError
 from tests.conftest import RunningSidecar, sidecar_config, vault_sections
+from tests.pki import make_tls_files
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "kubernetes" / "workloads" / "kms-sidecar.yaml"
 ISSUER = "https://kubernetes.default.svc.cluster.local"
@@ -189,3 +197,106 @@ def test_a_new_cluster_signing_key_is_picked_up_without_a_restart(
     assert call(node_sidecar, cluster.token("payments", "api"), datakey).status == 200
     cluster.rotate()  # the ConfigMap is updated with the new key; the kubelet syncs the file
     assert call(node_sidecar, cluster.token("payments", "api"), datakey).status == 200
+
+
+@pytest.fixture
+def cluster_jwks(
+    short_tmp: Path, cluster: Issuer, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[str, Path, Path, list[str | None]]]:
+    """The cluster's own JWKS endpoint: https with the cluster's CA, for bearers of a token.
+
+    Yields the URL, the CA file, the token file the sidecar sends, and the Authorization
+    headers received."""
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    (short_tmp / "pki").mkdir()
+    tls = make_tls_files(short_tmp / "pki")
+    token_file = short_tmp / "sa-token"
+    token_file.write_text("sidecar-sa-token-1\n")
+    seen: list[str | None] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.headers.get("Authorization"))
+            allowed = f"Bearer {token_file.read_text().strip()}"
+            if self.path != "/openid/v1/jwks" or self.headers.get("Authorization") != allowed:
+                self.send_response(401)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            body = cluster.jwks_path.read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tls.server_cert, tls.server_key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"https://127.0.0.1:{server.server_address[1]}/openid/v1/jwks"
+    try:
+        yield url, tls.ca_cert, token_file, seen
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def test_keys_from_the_clusters_own_jwks_endpoint_with_its_ca_and_a_token(
+    openbao: DevOpenBao,
+    run_sidecar: Any,
+    short_tmp: Path,
+    cluster: Issuer,
+    cluster_jwks: tuple[str, Path, Path, list[str | None]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(jwks, "REFETCH_INTERVAL", 0.0)  # an unknown kid refetches at once
+    url, ca_file, token_file, seen = cluster_jwks
+    sidecar = run_sidecar(
+        sidecar_config(
+            short_tmp / "c.sock",
+            policy=shipped_policy(),
+            auth={
+                "jwt_issuer": ISSUER,
+                "jwt_audiences": [AUDIENCE],
+                "jwt_jwks_url": url,
+                "jwt_jwks_ca_file": str(ca_file),
+                "jwt_jwks_token_file": str(token_file),
+            },
+            **vault_sections(openbao, {"payments": {}}),
+        )
+    )
+    datakey = "/v1/transit/datakey/plaintext/payments"
+    assert call(sidecar, cluster.token("payments", "api"), datakey).status == 200
+    assert seen and set(seen) == {"Bearer sidecar-sa-token-1"}
+
+    # The kubelet replaces the sidecar's token; the cluster rotates its signing key.
+    token_file.write_text("sidecar-sa-token-2\n")
+    cluster.rotate()
+    assert call(sidecar, cluster.token("payments", "api"), datakey).status == 200
+    assert seen[-1] == "Bearer sidecar-sa-token-2"
+
+
+def test_a_token_for_the_jwks_is_never_sent_over_plain_http(short_tmp: Path) -> None:
+    token_file = short_tmp / "sa-token"
+    token_file.write_text("t")
+    with pytest.raises(ConfigError, match=r"^auth\.jwt_jwks_token_file: .*https://"):
+        JwtVerifier(
+            config_from_mapping(
+                {
+                    "auth": {
+                        "jwt_issuer": ISSUER,
+                        "jwt_audiences": [AUDIENCE],
+                        "jwt_jwks_url": "http://127.0.0.1:1/openid/v1/jwks",
+                        "jwt_jwks_token_file": str(token_file),
+                    }
+                }
+            ).auth
+        )
