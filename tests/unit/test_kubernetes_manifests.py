@@ -187,6 +187,10 @@ def test_the_daemonset_config_and_policies_load_and_fit_the_example_app() -> Non
         if "hostPath" in v
     }
     assert str(Path(config.server.socket).parent) in socket_dirs
+    (sidecar,) = daemonset["spec"]["template"]["spec"]["containers"]
+    mounted = {m["mountPath"] for m in sidecar["volumeMounts"]}
+    for path in (config.auth.jwt_jwks_ca_file, config.auth.jwt_jwks_token_file):
+        assert str(Path(path).parent) in mounted, path
     (app,) = [d for d in objects("Deployment") if d["metadata"]["namespace"] == "payments"]
     pod = app["spec"]["template"]["spec"]
     (token,) = [
