@@ -77,7 +77,8 @@ def _translated(operation: str) -> Iterator[None]:
 
     Connection failures, sealed, uninitialised or standby-only nodes, 429 and 5xx become
     ``_Unreachable`` so the caller can fail over. Refusals become ``_Refused`` carrying the
-    error to report: a missing key is ``PermissionDenied`` (key names are not probeable), 403
+    error to report: a missing key (404, or transit's 400 "encryption key not found") is
+    ``PermissionDenied`` (key names are not probeable), 403
     is ``UpstreamForbidden``, a 400 on decrypt/rewrap is ``DecryptionFailed``, other refusals
     ``UpstreamError``. Anything else is a bug and propagates.
     """
@@ -107,6 +108,8 @@ def _translated(operation: str) -> Iterator[None]:
             )
         ) from None
     except hvac.exceptions.InvalidRequest as exc:
+        if "key not found" in _first_error(exc):  # transit's answer for a missing key
+            raise _Refused(PermissionDenied()) from None
         if operation in ("decrypt", "rewrap"):
             raise _Refused(DecryptionFailed(f"upstream refused {operation}")) from None
         if operation in ("sign", "verify", "hmac"):  # the caller's input, not ours, was wrong

@@ -11,11 +11,16 @@ import asyncio
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from sidecar.keys import envelope
 
 _T = TypeVar("_T")
+
+REFUSED_SECONDS: Final = 30.0
+"""How long a KEK the backend refused to unwrap is refused locally, without asking again."""
+REFUSED_CAPACITY: Final = 4096
+"""The most refused KEKs remembered (the oldest forgotten first)."""
 
 
 @dataclass(slots=True)
@@ -95,6 +100,43 @@ class KekCache:
     def count(self, key_name: str) -> int:
         """How many KEKs of ``key_name`` are held."""
         return sum(1 for kek in self._entries.values() if kek.key_name == key_name)
+
+
+class RefusedKeks:
+    """KEK ids the backend refused to unwrap lately: a short, bounded negative cache.
+
+    A flood of forged blobs sharing one forged wrapped KEK then costs one backend call per
+    :data:`REFUSED_SECONDS`, not one per blob. Times are Unix seconds.
+    """
+
+    def __init__(self, seconds: float = REFUSED_SECONDS, capacity: int = REFUSED_CAPACITY) -> None:
+        self.seconds = seconds
+        self.capacity = capacity
+        self._until: OrderedDict[bytes, float] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._until)
+
+    def add(self, kek_id: bytes, now: float) -> None:
+        """Remember that the backend refused ``kek_id`` at ``now``."""
+        self._until[kek_id] = now + self.seconds
+        self._until.move_to_end(kek_id)
+        while len(self._until) > self.capacity:
+            self._until.popitem(last=False)
+
+    def holds(self, kek_id: bytes, now: float) -> bool:
+        """Whether ``kek_id`` was refused less than :attr:`seconds` before ``now``."""
+        until = self._until.get(kek_id)
+        if until is None:
+            return False
+        if now < until:
+            return True
+        del self._until[kek_id]
+        return False
+
+    def clear(self) -> None:
+        """Forget every refusal (a cache flush)."""
+        self._until.clear()
 
 
 class SingleFlight:

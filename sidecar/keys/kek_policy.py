@@ -1,8 +1,12 @@
 """When a KEK may seal or open: its age, uses and root version, grace in an outage, prefetch.
 
-A KEK is *fresh* while it is younger than ``kek_ttl``, has sealed fewer than ``kek_max_uses``
-blobs and its root version is the latest known. While the backend cannot be reached, a KEK past
-its end stays usable for ``upstream_grace`` more (*in grace*). The live KEK's successor is
+A KEK's age counts from the backend's last word on it: when the backend made it, or last
+unwrapped it. A KEK is *fresh* (may seal) while it is younger than ``kek_ttl``, has sealed fewer
+than ``kek_max_uses`` blobs and its root version is the latest known. A cached KEK *may open*
+blobs while it is younger than ``kek_ttl`` — the live KEK too — after which the backend is asked
+again. While the backend cannot be reached, a KEK past its end stays usable for
+``upstream_grace`` more (*in grace*), to seal and to open: so no KEK is ever used more than
+``kek_ttl + upstream_grace`` after the backend last vouched for it. The live KEK's successor is
 fetched in the background shortly before the live one's end, so a rotation never stalls.
 """
 
@@ -30,6 +34,11 @@ def is_fresh(kek: Kek, config: KeyConfig, latest_version: int, now: float) -> bo
         and kek.uses < config.kek_max_uses
         and kek.root_version >= latest_version
     )
+
+
+def may_open(kek: Kek, config: KeyConfig, now: float) -> bool:
+    """Whether cached ``kek`` may open blobs without asking the backend again."""
+    return now - kek.created_at < config.kek_ttl
 
 
 def in_grace(

@@ -14,13 +14,13 @@ end, and cached KEKs keep opening blobs for as long; requests that truly need th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Final, NamedTuple
+from typing import Final, NamedTuple
 
 from opentelemetry.trace import SpanKind
 
@@ -35,7 +35,7 @@ from sidecar.errors import (
     UpstreamUnavailable,
 )
 from sidecar.keys import envelope, kek_policy, passthrough
-from sidecar.keys.kek_cache import Kek, KekCache, SingleFlight
+from sidecar.keys.kek_cache import Kek, KekCache, RefusedKeks, SingleFlight
 from sidecar.keys.status import (
     KekCacheStatus,
     KeyringStatus,
@@ -100,6 +100,7 @@ class SealedBlob(NamedTuple):
 
 @dataclass(slots=True)
 class _KeyState:
+    name: str
     config: KeyConfig
     root_key: str
     live: Kek | None = None
@@ -111,6 +112,8 @@ class _KeyState:
     kek_rotations: int = 0
     #: When the live KEK was first due for replacement but the backend could not be reached.
     outage_since: float | None = None
+    #: Why the backend refuses this root key (destroyed, or no longer ours); its KEKs are gone.
+    revoked: str | None = None
 
 
 class Keyring:
@@ -130,8 +133,9 @@ class Keyring:
         random: Callable[[int], bytes] = os.urandom,
     ) -> None:
         self.backend = backend
-        self._keys = {name: _KeyState(cfg, root) for name, (cfg, root) in keys.items()}
+        self._keys = {name: _KeyState(name, cfg, root) for name, (cfg, root) in keys.items()}
         self._cache = KekCache(cache_size)
+        self._refused = RefusedKeks()
         self._flights = SingleFlight()
         self._now = now
         self._random = random
@@ -203,7 +207,7 @@ class Keyring:
         """
         state = self._symmetric_state(key_name)
         if passthrough.is_upstream_ciphertext(blob):
-            with self._span("decrypt_ciphertext", state):
+            with self._backend_call("decrypt_ciphertext", state):
                 plaintext, version = await passthrough.decrypt(self.backend, state.root_key, blob)
             return Opened(plaintext, version, None)
         plaintext, header = await self._open_local(
@@ -222,7 +226,7 @@ class Keyring:
         """``blob`` sealed again under the live KEK and newest root version; expiry kept."""
         state = self._symmetric_state(key_name)
         if passthrough.is_upstream_ciphertext(blob):
-            with self._span("rewrap_ciphertext", state):
+            with self._backend_call("rewrap_ciphertext", state):
                 rewrapped, version = await passthrough.rewrap(self.backend, state.root_key, blob)
             return SealedBlob(rewrapped, version, None)
         canonical = envelope.canonical_context(context)
@@ -239,7 +243,7 @@ class Keyring:
         The new KEK is made at once so the first request after a rotation waits for nothing.
         """
         state = self._state(key_name)
-        with self._span("rotate", state):
+        with self._backend_call("rotate", state):
             info = await self.backend.rotate(state.root_key)
         self._apply_info(key_name, state, info)
         if info.key_type == "aes256":
@@ -249,7 +253,7 @@ class Keyring:
     async def key_info(self, key_name: str) -> RootKeyInfo:
         """The root key's metadata, read afresh from the backend."""
         state = self._state(key_name)
-        with self._span("key_info", state):
+        with self._backend_call("key_info", state):
             info = await self.backend.key_info(state.root_key)
         self._apply_info(key_name, state, info)
         return info
@@ -265,21 +269,30 @@ class Keyring:
                     dropped.add(kek.kek_id)
             state.live = state.next = None
             dropped |= self._cache.drop(name)
+        if key_name is None:
+            self._refused.clear()
         return len(dropped)
 
     async def refresh(self, key_name: str) -> None:
-        """Re-read the root key's versions; a newer version retires the live KEK.
+        """Re-read the root key's versions and config (the poll, every ``root_poll_interval``).
 
-        Upstream failures are recorded for health and swallowed: polling must not crash.
+        A newer version retires the live KEK; a raised ``min_decryption_version`` drops the KEKs
+        below it; a root key the backend no longer has, or refuses, is revoked (every KEK
+        dropped, every use refused) until a later refresh finds it again. An unreachable backend
+        is recorded for health. Never raises for the backend's answer: polling must not crash.
         """
         state = self._state(key_name)
         try:
-            info = await self.backend.key_info(state.root_key)
-        except SidecarError as exc:
-            state.last_upstream_error = exc.code
+            with self._backend_call("key_info", state):
+                info = await self.backend.key_info(state.root_key)
+        except UpstreamUnavailable as exc:
             log.warning("could not refresh key %s: %s", key_name, exc.message)
             return
-        state.last_upstream_error = None
+        except PermissionDenied:
+            return  # revoked by _backend_call
+        except SidecarError as exc:  # the backend refuses this sidecar the key (403 and the like)
+            self._revoke(state, f"the key backend refuses the root key: {exc.message}")
+            return
         self._apply_info(key_name, state, info)
 
     async def poll(self, key_name: str) -> None:
@@ -298,6 +311,7 @@ class Keyring:
             keys[name] = KeyStatus(
                 root_key=state.root_key,
                 state=self.key_state(name),
+                problem=self.key_problem(name),
                 latest_version=state.latest_version or None,
                 min_decryption_version=state.min_decryption_version,
                 kek_rotations=state.kek_rotations,
@@ -320,24 +334,38 @@ class Keyring:
         )
 
     def key_state(self, key_name: str) -> KeyState:
-        """``ok``, ``degraded`` (serving from a KEK past its end, in grace) or ``unavailable``."""
+        """Whether ``key_name`` can issue now (see :data:`~sidecar.keys.status.KeyState`).
+
+        ``ok``: the live KEK may seal, or the backend answered its last call. ``degraded``: the
+        backend is unreachable and the live KEK seals in its grace period. ``unavailable``: the
+        backend is unreachable and no KEK may seal. ``revoked``: the backend has no such root key
+        (or refuses it to this sidecar); its KEKs were dropped.
+        """
         state = self._state(key_name)
+        if state.revoked is not None:
+            return "revoked"
         live = state.live
         if live is not None and self._fresh(state, live):
             return "ok"
+        if state.last_upstream_error != UpstreamUnavailable.code:
+            return "ok"  # the next issuance asks the backend, which answered last time
         if live is not None and self._in_grace(state, live):
             return "degraded"
-        return "ok" if state.last_upstream_error is None else "unavailable"
+        return "unavailable"
+
+    def key_problem(self, key_name: str) -> str | None:
+        """Why ``key_name`` is not ``ok``, in words for health and status (``None`` when it is)."""
+        state = self._state(key_name)
+        match self.key_state(key_name):
+            case "revoked":
+                return state.revoked
+            case "degraded":
+                return "the key backend is unreachable; issuing under the live KEK's grace period"
+            case "unavailable":
+                return "the key backend is unreachable and no KEK may issue"
+        return None
 
     # -- internals --------------------------------------------------------------------------
-
-    def _span(self, operation: str, state: _KeyState) -> AbstractContextManager[Any]:
-        """A child span around one backend call (free when tracing is off)."""
-        return tracer.start_as_current_span(
-            f"upstream {operation}",
-            kind=SpanKind.CLIENT,
-            attributes={"kms.backend": self.backend.kind, "kms.root_key": state.root_key},
-        )
 
     def _state(self, key_name: str) -> _KeyState:
         state = self._keys.get(key_name)
@@ -360,6 +388,37 @@ class Keyring:
                 "keys or ciphertexts."
             )
         return state
+
+    @contextlib.contextmanager
+    def _backend_call(self, operation: str, state: _KeyState) -> Iterator[None]:
+        """One backend call for ``state``'s root key, in a child span, its outcome recorded.
+
+        ``UpstreamUnavailable`` marks the upstream down for this key; ``PermissionDenied`` (the
+        backend says the root key does not exist) revokes the key: its KEKs are dropped at once.
+        """
+        with tracer.start_as_current_span(
+            f"upstream {operation}",
+            kind=SpanKind.CLIENT,
+            attributes={"kms.backend": self.backend.kind, "kms.root_key": state.root_key},
+        ):
+            try:
+                yield
+            except UpstreamUnavailable as exc:
+                state.last_upstream_error = exc.code
+                raise
+            except PermissionDenied:
+                state.last_upstream_error = None
+                self._revoke(state, "the key backend has no such root key (destroyed?)")
+                raise
+        state.last_upstream_error = None
+
+    def _revoke(self, state: _KeyState, reason: str) -> None:
+        """Drop every KEK of ``state``'s key and refuse it until the backend shows it again."""
+        if state.revoked is None:
+            log.warning("key %s: %s; its KEKs are dropped", state.name, reason)
+        state.revoked = reason
+        state.live = state.next = None
+        self._cache.drop(state.name)
 
     def _seal(
         self,
@@ -386,6 +445,8 @@ class Keyring:
         self, key_name: str, state: _KeyState, blob: str, context: bytes, associated_data: bytes
     ) -> tuple[bytes, envelope.Header]:
         """The plaintext of a ``sidecar:`` blob and its header. Raises ``DecryptionFailed``."""
+        if state.revoked is not None:
+            raise PermissionDenied()
         sealed = self._check(key_name, state, envelope.parse(blob))
         kek = await self._kek_for(state, sealed.header)
         plaintext = kek.cipher.open(sealed, context=context, associated_data=associated_data)
@@ -435,6 +496,8 @@ class Keyring:
 
     def _live_kek_now(self, state: _KeyState) -> Kek | None:
         """The live KEK if it may seal without waiting; starts the prefetch when it is due."""
+        if state.revoked is not None:
+            raise PermissionDenied()
         kek = state.live
         if kek is None or not self._fresh(state, kek):
             return None
@@ -484,17 +547,15 @@ class Keyring:
 
     async def _fetch_kek(self, key_name: str, state: _KeyState) -> Kek:
         try:
-            with self._span("generate_kek", state):
+            with self._backend_call("generate_kek", state):
                 made = await self.backend.generate_kek(state.root_key)
-        except UpstreamUnavailable as exc:
-            state.last_upstream_error = exc.code
+        except UpstreamUnavailable:
             raise
         except UpstreamError:
             if state.info is None:  # perhaps an asymmetric key: say so, and never ask again
                 await self.refresh(key_name)
                 self._symmetric_state(key_name)
             raise
-        state.last_upstream_error = None
         kek = Kek(
             key_name=key_name,
             kek_id=envelope.kek_id_for(key_name, made.wrapped),
@@ -508,11 +569,20 @@ class Keyring:
         return kek
 
     async def _kek_for(self, state: _KeyState, header: envelope.Header) -> Kek:
+        """The KEK that sealed a blob: from the cache while the backend's word on it is recent.
+
+        A cached KEK opens blobs for ``kek_ttl`` after the backend last made or unwrapped it (the
+        live KEK included); then the backend is asked again, once for all waiting requests. While
+        the backend is unreachable the cached KEK keeps opening for ``upstream_grace`` more
+        (:func:`~sidecar.keys.kek_policy.in_grace`). A KEK the backend refused is refused
+        locally for :data:`~sidecar.keys.kek_cache.REFUSED_SECONDS`.
+        """
+        now = self._now()
         cached = self._cache.get(header.kek_id, header.wrapped_kek)
-        if cached is not None:
-            age = self._now() - cached.created_at
-            if age < state.config.kek_ttl or cached is state.live or cached is state.next:
-                return self._cache.hit(cached)
+        if cached is not None and kek_policy.may_open(cached, state.config, now):
+            return self._cache.hit(cached)
+        if self._refused.holds(header.kek_id, now):
+            raise DecryptionFailed("the backend refused this blob's KEK moments ago")
         self._cache.miss()
         try:
             return await self._flights.run(
@@ -524,12 +594,16 @@ class Keyring:
             raise
 
     async def _unwrap(self, state: _KeyState, header: envelope.Header) -> Kek:
-        with self._span("unwrap_kek", state):
-            plaintext = await self.backend.unwrap_kek(state.root_key, header.wrapped_kek)
         try:
-            cipher = envelope.KekCipher(plaintext)
-        except ValueError:
-            raise DecryptionFailed("backend returned a KEK of the wrong size") from None
+            with self._backend_call("unwrap_kek", state):
+                plaintext = await self.backend.unwrap_kek(state.root_key, header.wrapped_kek)
+            try:
+                cipher = envelope.KekCipher(plaintext)
+            except ValueError:
+                raise DecryptionFailed("backend returned a KEK of the wrong size") from None
+        except DecryptionFailed:
+            self._refused.add(header.kek_id, self._now())
+            raise
         kek = Kek(
             key_name=header.key_name,
             kek_id=header.kek_id,
@@ -543,6 +617,9 @@ class Keyring:
 
     def _apply_info(self, key_name: str, state: _KeyState, info: RootKeyInfo) -> None:
         state.info = info
+        if state.revoked is not None:
+            log.info("key %s: the key backend has the root key again", key_name)
+            state.revoked = None
         if info.latest_version > state.latest_version:
             log.info("key %s: root version %d is now the latest", key_name, info.latest_version)
         state.latest_version = max(state.latest_version, info.latest_version)

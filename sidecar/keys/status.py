@@ -10,11 +10,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
-KeyState = Literal["ok", "degraded", "unavailable"]
+KeyState = Literal["ok", "degraded", "unavailable", "revoked"]
 """``ok``: can issue now; ``degraded``: issuing from a KEK in its grace period while the backend
-is unreachable; ``unavailable``: cannot issue now."""
+is unreachable; ``unavailable``: cannot issue now (the backend is unreachable and no KEK may
+seal); ``revoked``: the backend has no such root key, or refuses it to this sidecar."""
 
-KEY_STATES: Final[tuple[KeyState, ...]] = ("ok", "degraded", "unavailable")
+KEY_STATES: Final[tuple[KeyState, ...]] = ("ok", "degraded", "unavailable", "revoked")
+READY_STATES: Final[frozenset[KeyState]] = frozenset({"ok", "degraded"})
+"""The states in which a key can issue now."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,10 +34,12 @@ class LiveKekStatus:
 
 @dataclass(frozen=True, slots=True)
 class KeyStatus:
-    """One configured key: its state, root versions seen, KEK rotations and cached KEKs."""
+    """One configured key: its state and why, root versions seen, KEK rotations, cached KEKs."""
 
     root_key: str
     state: KeyState
+    #: Why the key is not ``ok``, in words (``None`` when it is).
+    problem: str | None
     latest_version: int | None
     min_decryption_version: int
     kek_rotations: int

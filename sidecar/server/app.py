@@ -17,6 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from sidecar.errors import InvalidRequest
+from sidecar.keys.status import READY_STATES
 from sidecar.policy.authorizer import AccessRequest
 from sidecar.server import fields
 from sidecar.server.hmac_routes import HMAC_ROUTES
@@ -176,7 +177,8 @@ async def _health(request: web.Request) -> web.Response:
     keyring = services.keyring
     keys = {name: keyring.key_state(name) for name in keyring.key_names()}
     upstream = dict(keyring.backend.status())
-    ready = bool(keys) and any(state != "unavailable" for state in keys.values())
+    not_ready = [name for name, state in keys.items() if state not in READY_STATES]
+    ready = bool(keys) and not not_ready
     body = {
         "initialized": True,
         "sealed": False,
@@ -191,12 +193,14 @@ async def _health(request: web.Request) -> web.Response:
         },
     }
     audit = services.audit
-    if audit is not None:
-        body["audit"] = {"state": "ok" if audit.healthy else "unavailable", "path": audit.path}
+    if audit is not None:  # its path is for /v1/sidecar/status, which is authorized
+        body["audit"] = {"state": "ok" if audit.healthy else "unavailable"}
     if not keys:
         body["reason"] = "No keys are configured."
     elif not ready:
-        body["reason"] = "No key can be issued: the key backend is unavailable."
+        body["reason"] = "Keys that cannot issue now: " + "; ".join(
+            f"{name} ({keyring.key_problem(name)})" for name in not_ready
+        )
     elif audit is not None and audit.fail_closed and not audit.healthy:
         ready = body["ready"] = False
         body["reason"] = "The audit log cannot be written, so key operations are refused."

@@ -333,6 +333,8 @@ async def _decide(
         if route.intent:
             await _write_intent(call, access, rule, batch)
         done = await route.handler(call, access, item, body)
+    except PermissionDenied:  # a root key missing upstream answers like a forbidden key
+        return Outcome(access, rule, None, permission_denied(route.operation, key), batch)
     except SidecarError as exc:
         return Outcome(access, rule, None, exc, batch)
     except Exception:

@@ -9,6 +9,8 @@ import pytest
 from sidecar.backends.memory import MemoryBackend
 from sidecar.config import KeyConfig
 from sidecar.errors import DecryptionFailed, InvalidRequest, PermissionDenied, UpstreamUnavailable
+from sidecar.keys import envelope
+from sidecar.keys.kek_cache import REFUSED_SECONDS, RefusedKeks
 from sidecar.keys.keyring import Keyring
 
 
@@ -255,3 +257,140 @@ def test_importing_the_keyring_loads_no_metrics_or_tracing_sdk() -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == "[]"
+
+
+# -- how long a cached KEK opens blobs, revocation, refused KEKs, health (documented in
+# docs/operations.md: "How long a KEK is trusted")
+
+
+async def test_the_live_kek_opens_only_within_its_ttl_then_the_backend_vouches_again(
+    backend: MemoryBackend, clock: Clock
+) -> None:
+    keyring = make_keyring(backend, clock, kek_ttl=5.0, upstream_grace=5.0)
+    key = await keyring.generate_data_key("payments")
+    clock.now += 4
+    assert (await keyring.open_blob("payments", key.blob)).plaintext == key.plaintext
+    assert backend.calls["unwrap_kek"] == 0
+    clock.now += 16  # 20 s idle with kek_ttl 5 s: the live KEK is not trusted on its own
+    assert (await keyring.open_blob("payments", key.blob)).plaintext == key.plaintext
+    assert backend.calls["unwrap_kek"] == 1
+    clock.now += 4  # the unwrap vouched for it again: cached for another kek_ttl
+    await keyring.open_blob("payments", key.blob)
+    assert backend.calls["unwrap_kek"] == 1
+
+
+async def test_in_an_outage_a_cached_kek_opens_until_its_ttl_plus_grace(
+    backend: MemoryBackend, clock: Clock
+) -> None:
+    keyring = make_keyring(backend, clock, kek_ttl=5.0, upstream_grace=5.0)
+    key = await keyring.generate_data_key("payments")
+    backend.available = False
+    clock.now += 9.5  # past kek_ttl, inside upstream_grace
+    assert (await keyring.open_blob("payments", key.blob)).plaintext == key.plaintext
+    clock.now += 1  # past kek_ttl + upstream_grace
+    with pytest.raises(UpstreamUnavailable):
+        await keyring.open_blob("payments", key.blob)
+    clock.now += 44  # 54 s into the outage: still refused, whatever the blob
+    with pytest.raises(UpstreamUnavailable):
+        await keyring.open_blob("payments", key.blob)
+    backend.available = True  # the upstream is back: it vouches for the KEK again
+    assert (await keyring.open_blob("payments", key.blob)).plaintext == key.plaintext
+
+
+async def test_a_destroyed_root_key_drops_its_keks_at_the_next_poll(
+    backend: MemoryBackend, clock: Clock
+) -> None:
+    keyring = make_keyring(backend, clock)
+    key = await keyring.generate_data_key("payments")
+    await backend.destroy("payments")  # as `kms-sidecar keys destroy` does upstream
+    await keyring.refresh("payments")  # the poll
+    assert keyring.key_state("payments") == "revoked"
+    status = keyring.status().keys["payments"]
+    assert status.state == "revoked" and status.cached_keks == 0 and status.live_kek is None
+    assert status.problem is not None and "no such root key" in status.problem
+    calls = sum(backend.calls.values())
+    with pytest.raises(PermissionDenied):
+        await keyring.open_blob("payments", key.blob)
+    with pytest.raises(PermissionDenied):
+        await keyring.generate_data_key("payments")
+    assert sum(backend.calls.values()) == calls, "a revoked key is refused without asking"
+    assert keyring.key_state("other") == "ok"
+
+    await backend.create("payments", "aes256")  # a new key of the same name
+    await keyring.refresh("payments")
+    assert keyring.key_state("payments") == "ok"
+    assert (await keyring.generate_data_key("payments")).root_version == 1
+    with pytest.raises(DecryptionFailed):  # the old key's blobs are gone for good
+        await keyring.open_blob("payments", key.blob)
+
+
+async def test_a_root_key_the_backend_denies_on_use_is_revoked_at_once(
+    backend: MemoryBackend, clock: Clock
+) -> None:
+    keyring = make_keyring(backend, clock, kek_ttl=5.0)
+    key = await keyring.generate_data_key("payments")
+    await backend.destroy("payments")
+    clock.now += 6  # the cached KEK needs the backend's word, which is "no such key"
+    with pytest.raises(PermissionDenied):
+        await keyring.open_blob("payments", key.blob)
+    assert keyring.key_state("payments") == "revoked"
+
+
+def _forged(kek_id_seed: bytes, nonce: bytes) -> str:
+    wrapped = b"mem:v1:forged-" + kek_id_seed
+    header = envelope.Header("payments", 1, envelope.kek_id_for("payments", wrapped), wrapped, None)
+    return envelope.KekCipher(bytes(32)).seal_encoded(
+        header.encode(), 1, bytes(32), context=b"{}", associated_data=b"", nonce=nonce
+    )
+
+
+async def test_forged_blobs_sharing_a_refused_kek_cost_one_backend_call(
+    backend: MemoryBackend, clock: Clock
+) -> None:
+    keyring = make_keyring(backend, clock)
+    forged = [_forged(b"a", i.to_bytes(12, "big")) for i in range(200)]
+    for blob in forged:
+        with pytest.raises(DecryptionFailed):
+            await keyring.open_blob("payments", blob)
+    assert backend.calls["unwrap_kek"] == 1
+    clock.now += REFUSED_SECONDS  # the refusal is remembered only briefly
+    with pytest.raises(DecryptionFailed):
+        await keyring.open_blob("payments", forged[0])
+    assert backend.calls["unwrap_kek"] == 2
+    key = await keyring.generate_data_key("payments")  # genuine blobs are not affected
+    keyring.flush("payments")
+    assert (await keyring.open_blob("payments", key.blob)).plaintext == key.plaintext
+
+
+def test_refused_keks_are_bounded() -> None:
+    refused = RefusedKeks(seconds=30.0, capacity=3)
+    for i in range(10):
+        refused.add(bytes([i]), 0.0)
+    assert len(refused) == 3 and refused.holds(bytes([9]), 1.0)
+    assert not refused.holds(bytes([0]), 1.0)
+
+
+async def test_health_says_unavailable_when_nothing_can_issue(
+    backend: MemoryBackend, clock: Clock
+) -> None:
+    keyring = make_keyring(backend, clock)
+    backend.available = False
+    await keyring.refresh("payments")  # the poll finds the upstream down; no KEK yet
+    assert keyring.key_state("payments") == "unavailable"
+    assert keyring.key_problem("payments") == "the key backend is unreachable and no KEK may issue"
+    with pytest.raises(UpstreamUnavailable):
+        await keyring.generate_data_key("payments")
+    backend.available = True
+    await keyring.refresh("payments")
+    assert keyring.key_state("payments") == "ok"
+
+
+async def test_an_upstream_rotation_is_not_a_degraded_key(
+    backend: MemoryBackend, clock: Clock
+) -> None:
+    keyring = make_keyring(backend, clock)
+    await keyring.generate_data_key("payments")
+    await backend.rotate("payments")
+    await keyring.refresh("payments")  # the live KEK is now under an old version
+    assert keyring.key_state("payments") == "ok"
+    assert keyring.key_problem("payments") is None
