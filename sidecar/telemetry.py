@@ -190,7 +190,7 @@ class _StateCollector(Collector):
         )
         key_state = GaugeMetricFamily(
             "kms_key_state",
-            "1 for the key's current state (ok, degraded, unavailable).",
+            "1 for the key's current state (ok, degraded, unavailable, revoked).",
             labels=["key", "state"],
         )
         for name, key in keyring.keys.items():

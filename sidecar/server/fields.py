@@ -19,7 +19,7 @@ from typing import Any
 from sidecar.config import parse_duration
 from sidecar.errors import InvalidRequest, PayloadTooLarge
 from sidecar.keys import envelope
-from sidecar.keys.keyring import check_bits
+from sidecar.keys.results import check_bits
 
 _EMPTY = frozenset({b"", b"{}", b"null"})
 #: An integer written as a string: ASCII digits only, few enough for any field here.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -186,3 +187,60 @@ def test_cache_flush_command_revokes(polled: RunningSidecar, key: str) -> None:
         check=False,
     )
     assert refused.returncode == 2 and "Permission denied" in refused.stderr
+
+
+def test_a_destroyed_key_stops_opening_within_a_poll_and_health_says_so(
+    polled: RunningSidecar, openbao: DevOpenBao, key: str
+) -> None:
+    made = polled.request("POST", f"/v1/transit/datakey/plaintext/{key}").data
+    decrypt = f"/v1/transit/decrypt/{key}"
+    assert polled.request("POST", decrypt, {"ciphertext": made["ciphertext"]}).status == 200
+    transit = openbao.client().secrets.transit
+    transit.update_key_configuration(key, deletion_allowed=True)
+    transit.delete_key(key)  # what `kms-sidecar keys destroy` does; kek_ttl is still 1 h
+    destroyed = time.monotonic()
+    eventually(
+        lambda: polled.request("POST", decrypt, {"ciphertext": made["ciphertext"]}).status == 403
+    )
+    assert time.monotonic() - destroyed < 3.0, "within about one poll interval (1 s)"
+    refused = polled.request("POST", decrypt, {"ciphertext": made["ciphertext"]})
+    assert refused.code == "permission_denied"
+    issued = polled.request("POST", f"/v1/transit/datakey/plaintext/{key}")
+    assert issued.status == 403 and issued.code == "permission_denied"
+    status = polled.request("GET", "/v1/sidecar/status").data["keys"][key]
+    assert status["state"] == "revoked" and status["cached_keks"] == 0, status
+    assert status["live_kek"] is None and "no such root key" in status["problem"]
+    health = polled.request("GET", "/v1/sys/health")
+    assert health.status == 503 and health.json["keys"][key] == "revoked", health
+    assert key in health.json["reason"]
+
+
+def test_unknown_forbidden_and_missing_upstream_keys_get_one_answer(
+    openbao: DevOpenBao, run_sidecar: Any, short_tmp: Path, key: str
+) -> None:
+    forbidden = f"secret-{uuid.uuid4().hex[:8]}"
+    openbao.create_key(forbidden)
+    ghost = f"ghost-{uuid.uuid4().hex[:8]}"  # configured, never created upstream
+    policy = (
+        "[[allow]]\n"
+        'name = "not-the-secret"\n'
+        f"when.unix_uid = [{os.getuid()}]\n"
+        f'keys = ["{key}", "{ghost}", "nosuch"]\n'
+        'operations = ["*"]\n'
+    )
+    sections = vault_sections(openbao, {key: {}, forbidden: {}, ghost: {}})
+    sidecar = run_sidecar(sidecar_config(short_tmp / "o.sock", policy=policy, **sections))
+    assert sidecar.request("POST", f"/v1/transit/datakey/plaintext/{key}").status == 200
+    answers = {
+        name: sidecar.request("POST", f"/v1/transit/datakey/plaintext/{name}")
+        for name in ("nosuch", forbidden, ghost)
+    }
+    for name, answer in answers.items():
+        assert answer.status == 403 and answer.code == "permission_denied", (name, answer)
+    messages = {a.json["errors"][0].replace(repr(n), "'K'") for n, a in answers.items()}
+    assert messages == {
+        "Permission denied: this caller may not datakey with key 'K', or no such key exists."
+    }
+    health = sidecar.request("GET", "/v1/sys/health")
+    assert health.status == 503 and health.json["keys"][ghost] == "revoked"
+    assert health.json["keys"][key] == "ok" and "path" not in health.json.get("audit", {})

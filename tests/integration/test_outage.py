@@ -88,6 +88,9 @@ def test_outage_grace_then_503_then_recovery(
         assert refused_after >= GRACE - 0.5, refused_after  # the grace was honoured
         health = sidecar.request("GET", "/v1/sys/health")
         assert health.status == 503 and health.json["keys"][KEY] == "unavailable", health
+        # Nor does the KEK it still holds open blobs: kek_ttl + upstream_grace is its bound.
+        late = sidecar.request("POST", DECRYPT, {"ciphertext": cached["ciphertext"]})
+        assert late.status == 503 and late.code == "upstream_unavailable", late
         # A blob whose KEK the sidecar does not hold cannot be opened: 503, not "bad blob".
         sidecar.request("POST", "/v1/sidecar/cache/flush", {"key": KEY})
         uncached = sidecar.request("POST", DECRYPT, {"ciphertext": cached["ciphertext"]})
