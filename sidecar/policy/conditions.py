@@ -1,8 +1,10 @@
 """``when.*`` conditions: each written once, as one test that says why it fails.
 
-A condition's ``test(identity)`` returns ``None`` when it holds and a :class:`Miss` when it does
-not. The hot path only compares with ``None``; an explanation formats the miss. A condition on a
-fact the caller did not prove does not hold; a list means "any of". ``when`` keys:
+A condition's ``test(identity)`` returns ``None`` when it holds, and otherwise the
+:class:`Reason` it fails — made once, when the rule is compiled, so a failing test allocates
+nothing. The hot path only compares with ``None``; an explanation asks the reason for its words.
+A condition on a fact the caller did not prove does not hold; a list means "any of". ``when``
+keys:
 
 - ``unix_uid``, ``unix_gid``: integers (the peer's primary gid, as SO_PEERCRED reports it).
 - ``unix_exe``, ``spiffe_id``: path globs (:mod:`sidecar.policy.globs`).
@@ -24,26 +26,46 @@ from sidecar.policy.vocabulary import MAX_CLAIM_PARTS, WHEN_KEYS, RuleError
 
 
 class Miss(NamedTuple):
-    """Why a rule does not match one request: the ``stage`` that failed and its reason.
+    """Why a rule does not match one request: the ``stage`` that failed, and why in words.
 
-    ``stage`` is ``"operation"``, ``"key"``, ``"when"``, ``"context"`` or ``"ttl"``. The words are
-    ``text.format(*args)``, built only when read (``str(miss)``).
+    ``stage`` is ``"operation"``, ``"key"``, ``"when"``, ``"context"`` or ``"ttl"``.
     """
 
     stage: str
     text: str
-    args: tuple[Any, ...] = ()
 
     def __str__(self) -> str:
-        return self.text.format(*self.args) if self.args else self.text
+        return self.text
 
 
-Test = Callable[[Identity], "Miss | None"]
+class Reason:
+    """One way a condition can fail; ``words(identity)`` says it for that caller."""
 
-_NO_PEER: Final = Miss("when", "the caller has no Unix peer credentials")
-_NO_EXE: Final = Miss("when", "the caller's executable could not be determined")
-_NO_SPIFFE: Final = Miss("when", "the caller presented no SPIFFE ID")
-_NO_JWT: Final = Miss("when", "the caller presented no JWT")
+    __slots__ = ("words",)
+
+    def __init__(self, words: Callable[[Identity], str]) -> None:
+        self.words = words
+
+    @classmethod
+    def fixed(cls, text: str) -> Reason:
+        """A reason whose words do not depend on the caller."""
+        return cls(lambda _identity: text)
+
+
+Test = Callable[[Identity], "Reason | None"]
+
+_NO_PEER: Final = Reason.fixed("the caller has no Unix peer credentials")
+_NO_EXE: Final = Reason.fixed("the caller's executable could not be determined")
+_NO_SPIFFE: Final = Reason.fixed("the caller presented no SPIFFE ID")
+_NO_JWT: Final = Reason.fixed("the caller presented no JWT")
+
+
+def _peer_attr(identity: Identity, attr: str) -> Any:
+    return None if identity.peer is None else getattr(identity.peer, attr)
+
+
+def _jwt_attr(identity: Identity, attr: str) -> Any:
+    return None if identity.jwt is None else getattr(identity.jwt, attr)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,26 +95,23 @@ def _ids_condition(key: str, value: Any, attr: str) -> Condition:
         raise RuleError(f"'{key}' values must not be negative", key)
     allowed = frozenset(ids)
     listed = sorted(allowed)
+    not_listed = Reason(lambda identity: f"{attr} {_peer_attr(identity, attr)} is not in {listed}")
 
     if attr == "uid":
 
-        def test(identity: Identity) -> Miss | None:
+        def test(identity: Identity) -> Reason | None:
             peer = identity.peer
             if peer is None:
                 return _NO_PEER
-            if peer.uid in allowed:
-                return None
-            return Miss("when", "uid {} is not in {}", (peer.uid, listed))
+            return None if peer.uid in allowed else not_listed
 
     else:
 
-        def test(identity: Identity) -> Miss | None:
+        def test(identity: Identity) -> Reason | None:
             peer = identity.peer
             if peer is None:
                 return _NO_PEER
-            if peer.gid in allowed:
-                return None
-            return Miss("when", "gid {} is not in {}", (peer.gid, listed))
+            return None if peer.gid in allowed else not_listed
 
     return Condition(key, test, allowed)
 
@@ -103,16 +122,17 @@ def _exe_condition(key: str, value: Any) -> Condition:
         if not glob.startswith("/"):
             raise RuleError(f"'{key}' globs must be absolute paths, got {glob!r}", key)
     match = compile_globs(globs, segmented=True).fullmatch
+    no_match = Reason(
+        lambda identity: f"executable {_peer_attr(identity, 'exe')} does not match {globs}"
+    )
 
-    def test(identity: Identity) -> Miss | None:
+    def test(identity: Identity) -> Reason | None:
         peer = identity.peer
         if peer is None:
             return _NO_PEER
         if peer.exe is None:
             return _NO_EXE
-        if match(peer.exe) is not None:
-            return None
-        return Miss("when", "executable {} does not match {}", (peer.exe, globs))
+        return None if match(peer.exe) is not None else no_match
 
     return Condition(key, test)
 
@@ -123,14 +143,13 @@ def _spiffe_condition(key: str, value: Any) -> Condition:
         if not glob.startswith("spiffe://"):
             raise RuleError(f"'{key}' must start with 'spiffe://', got {glob!r}", key)
     match = compile_globs(globs, segmented=True).fullmatch
+    no_match = Reason(lambda identity: f"SPIFFE ID {identity.spiffe_id} does not match {globs}")
 
-    def test(identity: Identity) -> Miss | None:
+    def test(identity: Identity) -> Reason | None:
         spiffe_id = identity.spiffe_id
         if not spiffe_id:
             return _NO_SPIFFE
-        if match(spiffe_id) is not None:
-            return None
-        return Miss("when", "SPIFFE ID {} does not match {}", (spiffe_id, globs))
+        return None if match(spiffe_id) is not None else no_match
 
     return Condition(key, test)
 
@@ -140,26 +159,25 @@ def _jwt_string_condition(key: str, value: Any, attr: str) -> Condition:
     if "" in allowed:
         raise RuleError(f"'{key}' values must not be empty", key)
     listed = sorted(allowed)
+    not_listed = Reason(
+        lambda identity: f"JWT {attr} {_jwt_attr(identity, attr)!r} is not in {listed}"
+    )
 
     if attr == "issuer":
 
-        def test(identity: Identity) -> Miss | None:
+        def test(identity: Identity) -> Reason | None:
             jwt = identity.jwt
             if jwt is None:
                 return _NO_JWT
-            if jwt.issuer in allowed:
-                return None
-            return Miss("when", "JWT issuer {!r} is not in {}", (jwt.issuer, listed))
+            return None if jwt.issuer in allowed else not_listed
 
     else:
 
-        def test(identity: Identity) -> Miss | None:
+        def test(identity: Identity) -> Reason | None:
             jwt = identity.jwt
             if jwt is None:
                 return _NO_JWT
-            if jwt.subject in allowed:
-                return None
-            return Miss("when", "JWT subject {!r} is not in {}", (jwt.subject, listed))
+            return None if jwt.subject in allowed else not_listed
 
     return Condition(key, test, allowed)
 
@@ -167,10 +185,10 @@ def _jwt_string_condition(key: str, value: Any, attr: str) -> Condition:
 def _claim_condition(key: str, parts: tuple[str, ...], value: Any) -> Condition:
     allowed = frozenset(as_list(value, key, str, "a string"))
     claim = ".".join(parts)
-    missing = Miss("when", "the JWT has no claim {!r}", (claim,))
-    other = Miss("when", "JWT claim {!r} is not in {}", (claim, sorted(allowed)))
+    missing = Reason.fixed(f"the JWT has no claim {claim!r}")
+    other = Reason.fixed(f"JWT claim {claim!r} is not in {sorted(allowed)}")
 
-    def test(identity: Identity) -> Miss | None:
+    def test(identity: Identity) -> Reason | None:
         jwt = identity.jwt
         if jwt is None:
             return _NO_JWT

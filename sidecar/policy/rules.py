@@ -153,39 +153,31 @@ class Rule:
         The same condition tests the hot path runs decide here, so the two cannot disagree.
         """
         if operation not in self.operations:
-            return Miss("operation", "it does not cover operation {!r}", (operation,))
+            return Miss("operation", f"it does not cover operation {operation!r}")
         if not self.matches_key(key):
             if key is None:
                 return Miss("key", "it does not cover every key ('*'), which this operation needs")
-            return Miss("key", "its keys {} do not match {!r}", (list(self.key_patterns), key))
+            return Miss("key", f"its keys {list(self.key_patterns)} do not match {key!r}")
         for check in self.checks:
-            found = check(identity)
-            if found is not None:
-                return found
+            reason = check(identity)
+            if reason is not None:
+                return Miss("when", reason.words(identity))
         for name, template in self.context:
             expected = template.render(identity)
             if expected is None:
-                return Miss(
-                    "context",
-                    "context.{} = {!r} needs a fact the caller lacks",
-                    (name, template.source),
-                )
+                source = template.source
+                return Miss("context", f"context.{name} = {source!r} needs a fact the caller lacks")
             given = context.get(name) if context else None
             if given is None:
-                return Miss("context", "the request's encryption_context has no {!r}", (name,))
+                return Miss("context", f"the request's encryption_context has no {name!r}")
             if given != expected:
-                return Miss("context", "encryption_context.{} is not {!r}", (name, expected))
+                return Miss("context", f"encryption_context.{name} is not {expected!r}")
         if not self.ttl_holds(operation, ttl):
             limit = format_seconds(self.max_ttl or 0.0)
             if ttl is None:
-                return Miss(
-                    "ttl", "it requires a ttl of at most {} and the request has none", (limit,)
-                )
-            return Miss(
-                "ttl",
-                "the requested ttl {} exceeds its max_ttl {}",
-                (format_seconds(ttl), limit),
-            )
+                return Miss("ttl", f"it requires a ttl of at most {limit} and the request has none")
+            asked = format_seconds(ttl)
+            return Miss("ttl", f"the requested ttl {asked} exceeds its max_ttl {limit}")
         return None
 
 
