@@ -534,8 +534,8 @@ def test_key_metadata_holds_no_secret_and_root_keys_stay_in_the_token(
         assert "PRIVATE" not in text and '"d"' not in text
         kek = answer.json["data"]["kek"]
         assert set(kek) <= {
-            "root_key", "state", "latest_version", "min_decryption_version", "kek_rotations",
-            "cached_keks", "live_kek",
+            "root_key", "state", "problem", "latest_version", "min_decryption_version",
+            "kek_rotations", "cached_keks", "live_kek",
         }  # fmt: skip
         if kek["live_kek"] is not None:
             assert set(kek["live_kek"]) == {
