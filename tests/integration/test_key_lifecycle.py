@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 
 from sidecar.devserver import DevOpenBao
+from sidecar.keys import envelope
 from tests.conftest import TOKEN_ENV, RunningSidecar, sidecar_config, vault_sections
 
 
@@ -244,3 +246,20 @@ def test_unknown_forbidden_and_missing_upstream_keys_get_one_answer(
     health = sidecar.request("GET", "/v1/sys/health")
     assert health.status == 503 and health.json["keys"][ghost] == "revoked"
     assert health.json["keys"][key] == "ok" and "path" not in health.json.get("audit", {})
+
+
+def test_two_hundred_forged_blobs_cost_one_upstream_call(polled: RunningSidecar, key: str) -> None:
+    wrapped = b"vault:v1:" + base64.b64encode(os.urandom(60))  # no KEK upstream ever wrapped
+    header = envelope.Header(key, 1, envelope.kek_id_for(key, wrapped), wrapped, None)
+    forger = envelope.KekCipher(os.urandom(32))
+    decrypt = f"/v1/transit/decrypt/{key}"
+    before = polled.request("GET", "/v1/sidecar/status").data["backend"]["calls"].get("decrypt", 0)
+    for i in range(200):
+        blob = forger.seal_encoded(
+            header.encode(), 1, os.urandom(32), context=b"{}", associated_data=b"",
+            nonce=i.to_bytes(12, "big"),
+        )  # fmt: skip
+        answer = polled.request("POST", decrypt, {"ciphertext": blob})
+        assert answer.status == 400 and answer.code == "decryption_failed", answer
+    after = polled.request("GET", "/v1/sidecar/status").data["backend"]["calls"].get("decrypt", 0)
+    assert after - before == 1, "the upstream's refusal is remembered"
