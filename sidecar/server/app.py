@@ -27,8 +27,8 @@ from sidecar.server.key_version import check_key_version, requested_key_version
 from sidecar.server.pipeline import Pipeline
 from sidecar.server.routes import (
     WRITE,
-    Call,
     Done,
+    HandlerCall,
     Route,
     Scope,
     Unguarded,
@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 
 async def _datakey(
-    call: Call, access: AccessRequest, item: Mapping[str, Any], body: Mapping[str, Any]
+    call: HandlerCall, access: AccessRequest, item: Mapping[str, Any], body: Mapping[str, Any]
 ) -> Done:
     version = requested_key_version(item)
     key = await call.services.keyring.generate_data_key(
@@ -68,7 +68,7 @@ async def _datakey(
 
 
 async def _encrypt(
-    call: Call, access: AccessRequest, item: Mapping[str, Any], body: Mapping[str, Any]
+    call: HandlerCall, access: AccessRequest, item: Mapping[str, Any], body: Mapping[str, Any]
 ) -> Done:
     plaintext = fields.plaintext_field(item, call.services.config.server.max_plaintext_bytes)
     version = requested_key_version(item)
@@ -89,7 +89,7 @@ async def _encrypt(
 
 
 async def _decrypt(
-    call: Call, access: AccessRequest, item: Mapping[str, Any], body: Mapping[str, Any]
+    call: HandlerCall, access: AccessRequest, item: Mapping[str, Any], body: Mapping[str, Any]
 ) -> Done:
     opened = await call.services.keyring.open_blob(
         key_name(access),
@@ -102,7 +102,7 @@ async def _decrypt(
 
 
 async def _rewrap(
-    call: Call, access: AccessRequest, item: Mapping[str, Any], body: Mapping[str, Any]
+    call: HandlerCall, access: AccessRequest, item: Mapping[str, Any], body: Mapping[str, Any]
 ) -> Done:
     sealed = await call.services.keyring.rewrap(
         key_name(access),
@@ -115,7 +115,7 @@ async def _rewrap(
 
 
 async def _read_key(
-    call: Call, access: AccessRequest, item: Mapping[str, Any], body: Mapping[str, Any]
+    call: HandlerCall, access: AccessRequest, item: Mapping[str, Any], body: Mapping[str, Any]
 ) -> Done:
     name = key_name(access)
     info = await call.services.keyring.key_info(name)
@@ -123,7 +123,7 @@ async def _read_key(
 
 
 async def _rotate(
-    call: Call, access: AccessRequest, item: Mapping[str, Any], body: Mapping[str, Any]
+    call: HandlerCall, access: AccessRequest, item: Mapping[str, Any], body: Mapping[str, Any]
 ) -> Done:
     name = key_name(access)
     info = await call.services.keyring.rotate(name)
@@ -134,7 +134,7 @@ async def _rotate(
 
 
 async def _status(
-    call: Call, access: AccessRequest, item: Mapping[str, Any], body: Mapping[str, Any]
+    call: HandlerCall, access: AccessRequest, item: Mapping[str, Any], body: Mapping[str, Any]
 ) -> Done:
     services = call.services
     audit = services.audit
@@ -164,7 +164,7 @@ def _flush_scope(item: Mapping[str, Any]) -> Scope:
 
 
 async def _flush(
-    call: Call, access: AccessRequest, item: Mapping[str, Any], body: Mapping[str, Any]
+    call: HandlerCall, access: AccessRequest, item: Mapping[str, Any], body: Mapping[str, Any]
 ) -> Done:
     key = access.key
     dropped = call.services.keyring.flush(key)

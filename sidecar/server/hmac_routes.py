@@ -16,15 +16,15 @@ from typing import Any
 from sidecar.keys.hmac_keys import HmacKeys, hmac_algorithm
 from sidecar.policy.authorizer import AccessRequest
 from sidecar.server import fields
-from sidecar.server.routes import WRITE, Call, Done, Route, key_name
+from sidecar.server.routes import WRITE, Done, HandlerCall, Route, key_name
 
 
-def _hmac_keys(call: Call) -> HmacKeys:
+def _hmac_keys(call: HandlerCall) -> HmacKeys:
     services = call.services
     return HmacKeys(services.keyring.backend, services.config.root_key_name)
 
 
-def _algorithm(call: Call, item: Mapping[str, Any], body: Mapping[str, Any]) -> str:
+def _algorithm(call: HandlerCall, item: Mapping[str, Any], body: Mapping[str, Any]) -> str:
     """The path's algorithm, else the item's, else the body's (Vault's precedence)."""
     in_path = call.request.match_info.get("algorithm") or call.request.match_info.get("hash")
     if in_path is not None:
@@ -41,7 +41,7 @@ def _key_version(item: Mapping[str, Any], body: Mapping[str, Any]) -> int | None
 
 
 async def _hmac(
-    call: Call, access: AccessRequest, item: Mapping[str, Any], body: Mapping[str, Any]
+    call: HandlerCall, access: AccessRequest, item: Mapping[str, Any], body: Mapping[str, Any]
 ) -> Done:
     algorithm = _algorithm(call, item, body)
     data = fields.base64_field(item, "input", required=True)
@@ -52,7 +52,7 @@ async def _hmac(
 
 
 async def verify_hmac(
-    call: Call, access: AccessRequest, item: Mapping[str, Any], body: Mapping[str, Any]
+    call: HandlerCall, access: AccessRequest, item: Mapping[str, Any], body: Mapping[str, Any]
 ) -> Done:
     """``verify`` of an item carrying ``hmac``: whether it is the HMAC of ``input``."""
     algorithm = _algorithm(call, item, body)

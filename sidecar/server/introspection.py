@@ -29,20 +29,20 @@ from sidecar.policy.authorizer import AccessRequest
 from sidecar.policy.introspection import rules_for, visible_keys
 from sidecar.policy.policy_set import PolicySet
 from sidecar.policy.rules import Rule
-from sidecar.server.routes import Call, Done, Route, Unguarded
+from sidecar.server.routes import Done, HandlerCall, Route, Unguarded
 from sidecar.server.services import SERVICES
 
 _STARTED = datetime.datetime.now(datetime.timezone.utc)
 
 
-def _policies(call: Call) -> PolicySet:
+def _policies(call: HandlerCall) -> PolicySet:
     """The loaded policy set (an authorizer without one shows no rules)."""
     policies = getattr(call.services.authorizer, "policies", None)
     return policies if isinstance(policies, PolicySet) else PolicySet()
 
 
 async def _list_keys(
-    call: Call, access: AccessRequest, item: Mapping[str, Any], body: Mapping[str, Any]
+    call: HandlerCall, access: AccessRequest, item: Mapping[str, Any], body: Mapping[str, Any]
 ) -> Done:
     if call.request.query.get("list", "").lower() not in ("true", "1"):
         raise MethodNotAllowed("Use LIST, or GET with ?list=true, to list keys.")
@@ -84,7 +84,7 @@ def _rule_summary(rule: Rule) -> dict[str, Any]:
 
 
 async def _lookup_self(
-    call: Call, access: AccessRequest, item: Mapping[str, Any], body: Mapping[str, Any]
+    call: HandlerCall, access: AccessRequest, item: Mapping[str, Any], body: Mapping[str, Any]
 ) -> Done:
     identity = access.identity
     facts = identity_facts(identity)

@@ -22,13 +22,13 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from sidecar.backends.base import TRANSIT_TYPES, RootKeyInfo
-from sidecar.server.routes import Call
+from sidecar.server.routes import HandlerCall
 
 #: Vault's ``name`` of an asymmetric key version, by our key type.
 _CURVE_NAMES = {"ec-p256": "P-256", "ed25519": "ed25519"}
 
 
-def key_metadata(call: Call, name: str, info: RootKeyInfo) -> dict[str, Any]:
+def key_metadata(call: HandlerCall, name: str, info: RootKeyInfo) -> dict[str, Any]:
     """The ``data`` of a key read: Vault's fields, then the sidecar's."""
     keyring = call.services.keyring
     symmetric = info.key_type == "aes256"

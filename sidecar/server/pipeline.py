@@ -56,7 +56,7 @@ from sidecar.policy.authorizer import AccessRequest
 from sidecar.server import fields
 from sidecar.server.errors import error_response, status_for
 from sidecar.server.peer import read_peer_credentials
-from sidecar.server.routes import Call, Done, Route
+from sidecar.server.routes import Done, HandlerCall, Route
 from sidecar.server.services import Services
 from sidecar.server.tls import tls_peer
 from sidecar.telemetry import request_id_var, trace_id_hex
@@ -162,7 +162,7 @@ class Pipeline:
                 # 3. handle
                 if route is None:
                     raise request.match_info.http_exception  # type: ignore[misc]
-                call = Call(services, request, request_id, trace_id)
+                call = HandlerCall(services, request, request_id, trace_id)
                 response, outcomes = await _handle(call, route, identity, path_key)
             except ClientClosed:
                 response = error_response(InvalidRequest(), request_id)  # nobody reads it
@@ -259,7 +259,7 @@ def _bearer(request: web.Request) -> str | None:
 
 
 async def _handle(
-    call: Call, route: Route, identity: Identity, path_key: str | None
+    call: HandlerCall, route: Route, identity: Identity, path_key: str | None
 ) -> tuple[web.StreamResponse, Sequence[Outcome]]:
     """The answer to an authenticated request and how each of its decisions ended."""
     request, services = call.request, call.services
@@ -303,7 +303,7 @@ async def _read(request: web.Request) -> bytes:
 
 
 async def _decide(
-    call: Call,
+    call: HandlerCall,
     route: Route,
     identity: Identity,
     path_key: str | None,
@@ -442,7 +442,7 @@ def _record(
 
 
 async def _write_intent(
-    call: Call, access: AccessRequest, rule: str, batch: tuple[int, int] | None
+    call: HandlerCall, access: AccessRequest, rule: str, batch: tuple[int, int] | None
 ) -> None:
     """An ``allowed`` record before an operation with a lasting effect (a root-key rotation)."""
     services = call.services

@@ -6,8 +6,8 @@ policy needs from a request or batch item (its ``scope``); the pipeline
 audits, counts and traces the decision under that operation. An :class:`Unguarded` route is
 answered without authentication, policy or audit; only the paths in ``UNGUARDED`` may be one.
 
-Handlers never see HTTP details they don't need: they get the request-wide :class:`Call`, the
-item's :class:`~sidecar.policy.authorizer.AccessRequest` (already allowed), the item and the
+Handlers never see HTTP details they don't need: they get the request-wide :class:`HandlerCall`,
+the item's :class:`~sidecar.policy.authorizer.AccessRequest` (already allowed), the item and the
 body's top level, and return a :class:`Done`: the data to answer and the key facts for the audit
 record.
 """
@@ -28,7 +28,7 @@ from sidecar.server.services import Services
 WRITE = ("POST", "PUT")
 
 
-class Call(NamedTuple):
+class HandlerCall(NamedTuple):
     """The request-wide facts a handler may use; the same for every item of a batch."""
 
     services: Services
@@ -69,7 +69,9 @@ NO_SCOPE = Scope()
 
 #: ``(call, access, item, body)``: ``item`` is the batch item, or the body of a single request;
 #: ``body`` is the request's top level (Vault's request-wide options for a batch).
-ItemHandler = Callable[[Call, AccessRequest, Mapping[str, Any], Mapping[str, Any]], Awaitable[Done]]
+ItemHandler = Callable[
+    [HandlerCall, AccessRequest, Mapping[str, Any], Mapping[str, Any]], Awaitable[Done]
+]
 ScopeReader = Callable[[Mapping[str, Any]], Scope]
 
 

@@ -31,10 +31,10 @@ from sidecar.keys.signing import (
 from sidecar.policy.authorizer import AccessRequest
 from sidecar.server import fields
 from sidecar.server.hmac_routes import verify_hmac
-from sidecar.server.routes import WRITE, Call, Done, Route, key_name
+from sidecar.server.routes import WRITE, Done, HandlerCall, Route, key_name
 
 
-def signer_for(call: Call) -> Signer:
+def signer_for(call: HandlerCall) -> Signer:
     """The running sidecar's signer."""
     signer = call.services.signer
     if signer is None:
@@ -45,7 +45,7 @@ def signer_for(call: Call) -> Signer:
 # -- fields --------------------------------------------------------------------------------
 
 
-def _defaults(call: Call, body: Mapping[str, Any]) -> dict[str, Any]:
+def _defaults(call: HandlerCall, body: Mapping[str, Any]) -> dict[str, Any]:
     """The request's top-level options (Vault applies them to every batch item) and path hash."""
     path_hash = call.request.match_info.get("hash")
     if path_hash is not None and path_hash not in HASH_ALGORITHMS:
@@ -109,7 +109,7 @@ def _input(item: Mapping[str, Any]) -> bytes:
 
 
 async def _sign(
-    call: Call, access: AccessRequest, item: Mapping[str, Any], body: Mapping[str, Any]
+    call: HandlerCall, access: AccessRequest, item: Mapping[str, Any], body: Mapping[str, Any]
 ) -> Done:
     data, options = _input(item), _options(item, _defaults(call, body))
     signature = await signer_for(call).sign(key_name(access), data, options)
@@ -120,7 +120,7 @@ async def _sign(
 
 
 async def _verify(
-    call: Call, access: AccessRequest, item: Mapping[str, Any], body: Mapping[str, Any]
+    call: HandlerCall, access: AccessRequest, item: Mapping[str, Any], body: Mapping[str, Any]
 ) -> Done:
     if item.get("hmac") is not None:  # Vault's verify checks an HMAC when given one
         return await verify_hmac(call, access, item, body)
@@ -131,7 +131,7 @@ async def _verify(
 
 
 async def _jwks(
-    call: Call, access: AccessRequest, item: Mapping[str, Any], body: Mapping[str, Any]
+    call: HandlerCall, access: AccessRequest, item: Mapping[str, Any], body: Mapping[str, Any]
 ) -> Done:
     jwks = await signer_for(call).jwks(key_name(access))
     response = web.Response(

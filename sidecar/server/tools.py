@@ -23,7 +23,7 @@ from typing import Any
 from sidecar.errors import InvalidRequest
 from sidecar.policy.authorizer import AccessRequest
 from sidecar.server import fields
-from sidecar.server.routes import WRITE, Call, Done, Route
+from sidecar.server.routes import WRITE, Done, HandlerCall, Route
 
 #: The most random bytes one request may ask for (Vault's limit).
 MAX_RANDOM_BYTES = 128 * 1024
@@ -54,7 +54,7 @@ def _encode(data: bytes, fmt: Any, default: str) -> str:
     raise InvalidRequest("Field 'format' must be 'base64' or 'hex'.")
 
 
-def _random_request(call: Call, body: Mapping[str, Any]) -> tuple[str, int]:
+def _random_request(call: HandlerCall, body: Mapping[str, Any]) -> tuple[str, int]:
     """The source and byte count of a random request: path segments, then the body."""
     match = call.request.match_info
     source, count = match.get("source"), match.get("urlbytes")
@@ -72,14 +72,14 @@ def _random_request(call: Call, body: Mapping[str, Any]) -> tuple[str, int]:
 
 
 async def _random(
-    call: Call, access: AccessRequest, item: Mapping[str, Any], body: Mapping[str, Any]
+    call: HandlerCall, access: AccessRequest, item: Mapping[str, Any], body: Mapping[str, Any]
 ) -> Done:
     _, count = _random_request(call, body)
     return Done({"random_bytes": _encode(os.urandom(count), body.get("format"), "base64")})
 
 
 async def _hash(
-    call: Call, access: AccessRequest, item: Mapping[str, Any], body: Mapping[str, Any]
+    call: HandlerCall, access: AccessRequest, item: Mapping[str, Any], body: Mapping[str, Any]
 ) -> Done:
     name = call.request.match_info.get("algorithm") or body.get("algorithm") or "sha2-256"
     if name not in HASHES:
