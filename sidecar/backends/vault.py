@@ -37,7 +37,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from sidecar.backends.base import KEY_TYPES, TRANSIT_TYPES, NewKek, RootKeyInfo
-from sidecar.backends.vault_auth import UpstreamAuth, UpstreamForbidden, auth_method_for
+from sidecar.backends.vault_auth import UpstreamAuth, UpstreamForbidden
+from sidecar.backends.vault_logins import auth_method_for
 from sidecar.config import VaultConfig
 from sidecar.errors import (
     ConfigError,

@@ -9,13 +9,8 @@ from typing import Any
 
 import pytest
 
-from sidecar.backends.vault_auth import (
-    Backoff,
-    Grant,
-    StaticToken,
-    UpstreamAuth,
-    UpstreamForbidden,
-)
+from sidecar.backends.vault_auth import Backoff, UpstreamAuth, UpstreamForbidden
+from sidecar.backends.vault_logins import Grant, StaticToken
 from sidecar.errors import UpstreamError, UpstreamUnavailable
 
 
