@@ -30,8 +30,9 @@ Errors are the sidecar's own (re-exported here), rebuilt from its answer with ``
 
 from sidecar.client._calls import DataKey
 from sidecar.client._client import DEFAULT_SOCKET_PATH, AsyncClient, Client
+from sidecar.client._context_pools import AsyncKeyPools, KeyPools
 from sidecar.client._errors import SidecarUnreachable, UnexpectedResponse
-from sidecar.client._pool import AsyncKeyPool, AsyncKeyPools, KeyPool, KeyPools, PoolStats
+from sidecar.client._pool import AsyncKeyPool, KeyPool, PoolStats
 from sidecar.errors import (
     AuditUnavailable,
     DecryptionFailed,

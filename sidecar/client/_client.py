@@ -11,14 +11,13 @@ from typing import Any, TypeVar
 from sidecar import __version__
 from sidecar.client import _calls
 from sidecar.client._calls import Call, DataKey, Ttl, read_answer
+from sidecar.client._context_pools import AsyncKeyPools, KeyPools
 from sidecar.client._pool import (
     DEFAULT_MAX_AGE,
     DEFAULT_POOL_SIZE,
     AsyncKeyPool,
-    AsyncKeyPools,
     Clock,
     KeyPool,
-    KeyPools,
 )
 from sidecar.client._transport import AsyncUnixTransport, RawAnswer, UnixTransport
 
