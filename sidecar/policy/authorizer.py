@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from sidecar.errors import ConfigError
 from sidecar.identity import Identity
@@ -20,13 +20,13 @@ from sidecar.policy.policy_set import PolicySet
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class AccessRequest:
-    """What one decision is about: who asks to do which operation on which key, how.
+class AccessRequest(NamedTuple):
+    """What one decision is about: who asks to do which operation on which key, how. Immutable.
 
     ``key`` is ``None`` for operations on no single key (``status``, a ``flush`` of every key).
     ``context`` is the encryption context; ``ttl`` the requested lifetime in seconds (``None``: the
-    caller asked for a key that never expires). Built once per request, or per batch item.
+    caller asked for a key that never expires). Built once per request, or per batch item, so it
+    is a typed NamedTuple: as immutable as a frozen dataclass, and several times cheaper to make.
     """
 
     identity: Identity

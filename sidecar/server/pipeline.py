@@ -172,8 +172,12 @@ class Pipeline:
                 response = _error_response(error, exc, request_id)
                 outcomes = (Outcome(None, None, None, error),)
             # 4. audit
-            failure = await _audit(
-                services, request_id, trace_id, identity, operation, path_key, outcomes
+            failure = (
+                None
+                if services.audit is None
+                else await _audit(
+                    services, request_id, trace_id, identity, operation, path_key, outcomes
+                )
             )
             if failure is not None:
                 response = error_response(failure, request_id)
@@ -351,7 +355,7 @@ def _batch_result(item: Mapping[str, Any], outcome: Outcome) -> dict[str, Any]:
         result: dict[str, Any] = {"error": error.message, "code": error.code}
     else:
         assert done is not None
-        result = dict(done.data)
+        result = done.data  # made for this item alone (see Done)
     reference = item.get("reference")
     result["reference"] = "" if reference is None else reference
     return result
@@ -386,8 +390,7 @@ async def _audit(
 ) -> SidecarError | None:
     """Write one record per outcome; the error that refuses the answer if they can't be."""
     audit = services.audit
-    if audit is None:
-        return None
+    assert audit is not None
     now = time.time()
     records = [
         _record(services, now, request_id, trace_id, identity, operation, path_key, outcome)

@@ -42,12 +42,13 @@ class Done(NamedTuple):
     """What one handled item gives back. Never holds what the audit log must not see apart from
     ``data``, which only goes to the caller.
 
-    ``data`` goes into Vault's envelope (or a batch result); ``response``, when set, is sent as is
+    ``data`` goes into Vault's envelope (or, with its ``reference`` added, a batch result: so it is
+    a dict made for this item alone); ``response``, when set, is sent as is
     instead (for bodies that are not Vault-shaped, such as a JWKS). ``root_version`` and
     ``kek_id`` are what the audit record and span say was used.
     """
 
-    data: Mapping[str, Any]
+    data: dict[str, Any]
     root_version: int | None = None
     kek_id: bytes | None = None
     response: web.Response | None = None
