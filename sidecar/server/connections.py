@@ -10,7 +10,8 @@ extended) and counted in one :class:`ConnectionBounds`:
 - **Deadlines.** A connection that has sent nothing is closed after ``idle_timeout``, and so is
   a keep-alive connection between requests (aiohttp's ``keepalive_timeout``). Once the first
   byte of a request arrives its headers must be complete within ``header_timeout`` (slowloris),
-  and its body within ``body_timeout`` of the headers.
+  and its body within ``body_timeout`` of the headers. On the mTLS listener the TLS handshake
+  must also finish within ``header_timeout`` (before it, the connection is not yet counted).
 - **Half-close.** A caller that sends a complete request and then shuts down its write side
   (``SHUT_WR``) still gets its answer; the connection closes after it.
 - **Malformed HTTP** (a bad request line, an unknown method, headers too long) is answered with
@@ -408,8 +409,14 @@ class BoundedSite(web.SockSite):
                 access_log=None,
             )
 
+        # A TLS handshake is part of reading the first request: it gets the header deadline.
+        handshake = bounds.limits.header_timeout if self._ssl_context is not None else None
         self._server = await loop.create_server(
-            connection, sock=self._sock, ssl=self._ssl_context, backlog=self._backlog
+            connection,
+            sock=self._sock,
+            ssl=self._ssl_context,
+            backlog=self._backlog,
+            ssl_handshake_timeout=handshake,
         )
 
 
