@@ -24,11 +24,15 @@ from tests.integration.conftest import shipped_policy
 from tests.security.test_fuzz_api import MESSAGE_LIMIT, TOKEN, api_request, item
 
 SIGNER = "hostile-signer"
+#: The root key behind the API's ``payments`` here: the fuzz run may rotate it, and the shared
+#: OpenBao's own ``payments`` must stay at version 1 for other modules.
+FUZZ_ROOT = "hostile-fuzz"
 
 
 @pytest.fixture(scope="module")
 def shipped(openbao: DevOpenBao, module_tmp: Path) -> Iterator[ProcessSidecar]:
     openbao.create_key(SIGNER, "ecdsa-p256")
+    openbao.create_key(FUZZ_ROOT)
     (module_tmp / "policies").mkdir()
     (module_tmp / "policies" / "test.toml").write_text(shipped_policy(os.getuid()))
     sock = module_tmp / "h.sock"
@@ -36,7 +40,7 @@ def shipped(openbao: DevOpenBao, module_tmp: Path) -> Iterator[ProcessSidecar]:
     config.write_text(
         f'[server]\nsocket = "{sock}"\nsocket_mode = "0600"\n'
         f'[backend.vault]\naddresses = ["{openbao.address}"]\ntoken_env = "{TOKEN_ENV}"\n'
-        f"[keys.payments]\n[keys.{SIGNER}]\n"
+        f'[keys.payments]\nroot_key = "{FUZZ_ROOT}"\n[keys.{SIGNER}]\n'
     )
     with shipped_sidecar(config, sock, loop="uvloop") as sidecar:
         yield sidecar
