@@ -212,3 +212,12 @@ async def test_an_unexpected_audit_failure_ends_the_span_and_withholds_the_answe
     assert format(span.context.trace_id, "032x") == "a" * 32
     assert attached == [], "the OTel context was left attached"
     assert "could not be written" in caplog.text
+
+
+async def test_head_on_health_answers_like_get_without_a_body(tmp_path: Path) -> None:
+    async with sidecar(tmp_path) as s:
+        async with s.client.get("/v1/sys/health") as got:
+            await got.read()
+        async with s.client.head("/v1/sys/health") as head:
+            assert head.status == got.status  # as Vault's health endpoint: HEAD is served
+            assert await head.read() == b""
