@@ -370,26 +370,75 @@ print(response.status, json.loads(response.read())["code"])
 """
 
 
-def run_as_another_uid(socket_path: str, uid: int = 65534) -> subprocess.CompletedProcess[str]:
-    """:data:`OTHER_UID_CLIENT` run as ``uid`` (gid 0) by the system's python3, from a
-    world-readable directory of its own."""
+#: Connects to a Unix socket as the uid it runs as and hands the connected socket to the test
+#: over an inherited descriptor, then waits until the test is done with it: the sidecar sees
+#: this process's peer credentials on that connection. Standard library only.
+OTHER_UID_CONNECTOR = """
+import socket, sys
+channel = socket.socket(fileno=int(sys.argv[2]))
+conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+conn.connect(sys.argv[1])
+socket.send_fds(channel, [b"+"], [conn.fileno()])
+channel.recv(1)
+"""
+
+
+def _system_python_as(uid: int) -> tuple[str, ...]:
+    """The ``setpriv`` prefix and system python3 that act as ``uid`` (gid 0); skips if absent."""
     import shutil
-    import tempfile
 
     python = shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin")
     if os.getuid() != 0 or shutil.which("setpriv") is None or python is None:
         pytest.skip("needs root, setpriv and a system python3 to act as another user")
+    return ("setpriv", f"--reuid={uid}", "--regid=0", "--clear-groups", python)
 
+
+@contextlib.contextmanager
+def connected_as_another_uid(socket_path: str, uid: int = 65534) -> Iterator[socket.socket]:
+    """A connection to ``socket_path`` made by a process running as ``uid``, for clients the
+    other uid could not run itself (the checkout and its virtualenv may be private)."""
+    import tempfile
+
+    prefix = _system_python_as(uid)
+    ours, theirs = socket.socketpair()
+    with ours, tempfile.TemporaryDirectory(prefix="kms-other-") as directory:
+        os.chmod(directory, 0o755)  # noqa: S103 - readable by the other uid, writable by none
+        script = Path(directory) / "connect.py"
+        script.write_text(OTHER_UID_CONNECTOR)
+        script.chmod(0o644)
+        proc = subprocess.Popen(
+            [*prefix, str(script), socket_path, str(theirs.fileno())],
+            pass_fds=[theirs.fileno()],
+            cwd=directory,
+            stderr=subprocess.PIPE,
+        )
+        theirs.close()
+        try:
+            ours.settimeout(30)
+            _, fds, _, _ = socket.recv_fds(ours, 1, 1)
+            if not fds:
+                raise AssertionError(proc.communicate(timeout=30)[1].decode(errors="replace"))
+            with socket.socket(fileno=fds[0]) as conn:
+                yield conn
+        finally:
+            with contextlib.suppress(OSError):
+                ours.send(b".")
+            proc.communicate(timeout=30)
+
+
+def run_as_another_uid(socket_path: str, uid: int = 65534) -> subprocess.CompletedProcess[str]:
+    """:data:`OTHER_UID_CLIENT` run as ``uid`` (gid 0) by the system's python3, from a
+    world-readable directory of its own."""
+    import tempfile
+
+    prefix = _system_python_as(uid)
     with tempfile.TemporaryDirectory(prefix="kms-other-") as directory:
         os.chmod(directory, 0o755)  # noqa: S103 - readable by the other uid, writable by none
         script = Path(directory) / "client.py"
         script.write_text(OTHER_UID_CLIENT)
         script.chmod(0o644)
         return subprocess.run(
-            [
-                *("setpriv", f"--reuid={uid}", "--regid=0", "--clear-groups"),
-                *(python, str(script), socket_path),
-            ],
+            [*prefix, str(script), socket_path],
             capture_output=True,
             text=True,
             timeout=30,
