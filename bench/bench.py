@@ -1,4 +1,4 @@
-"""The kms-sidecar benchmark: prints DESIGN §10's figures and ratios, measured in one run.
+"""The kms-sidecar benchmark: the figures and ratios of docs/performance.md, in one run.
 
     python -m bench.bench [--duration SECONDS] [--quick] [--issuances N] [--settle SECONDS]
                           [--starts N] [--rounds N] [--json FILE]
@@ -703,7 +703,7 @@ def print_phase(phase: Phase) -> None:
 
 @dataclass(frozen=True)
 class Target:
-    """One DESIGN §10 figure, its value, and whether it meets the target."""
+    """One performance-target figure, its value, and whether it meets the target."""
 
     label: str
     value: float
@@ -840,7 +840,7 @@ def print_report(
     print("\npinning (read back from the kernel with sched_getaffinity):")
     for name, report in bench.pinning.items():
         print(f"  {name:<30} {report}")
-    print("\nDESIGN §10 targets:")
+    print("\nTargets (docs/performance.md):")
     for target in targets:
         print(target.line())
     if errors:
@@ -945,7 +945,7 @@ def run_bench(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.bench",
-        description="Measure the sidecar against a bare aiohttp handler and OpenBao (DESIGN §10).",
+        description="Measure the sidecar against a bare aiohttp handler and OpenBao.",
     )
     parser.add_argument(
         "--duration", type=float, default=5.0, help="measured seconds per phase (default: 5)"
@@ -982,7 +982,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-client",
         action="store_true",
-        help="skip the client SDK phases (bench.bench_client, DESIGN §11)",
+        help="skip the client SDK phases (bench.bench_client)",
     )
     parser.add_argument("--json", metavar="FILE", help="also write every figure to FILE")
     parser.add_argument("--serve", choices=("bare", "canned"), help=argparse.SUPPRESS)

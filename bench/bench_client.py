@@ -1,4 +1,4 @@
-"""The client SDK's figures (DESIGN §11), measured against one sidecar in one run.
+"""The client SDK's figures (docs/performance.md), measured against one sidecar in one run.
 
     python -m bench.bench_client [--duration SECONDS] [--quick] [--rounds N] [--settle SECONDS]
                                  [--phases NAME,...] [--json FILE]
@@ -439,7 +439,7 @@ def measure_client(
 
 
 def client_targets(figures: ClientFigures) -> list[Target]:
-    """DESIGN §11's figures, for the phases that were measured."""
+    """The client targets' figures, for the phases that were measured."""
     rate = {name: p.result.requests_per_second for name, p in figures.phases.items()}
     targets = []
     for name, label in (("sync", "sync Client"), ("async", "async AsyncClient")):
@@ -491,7 +491,7 @@ def print_client_report(bench: Bench, figures: ClientFigures, targets: list[Targ
             f"  * other processes used more than {INTERFERENCE_CORES:.0%} of a core during a"
             " phase marked so: rerun on a quiet machine"
         )
-    print("\nDESIGN §11 targets:")
+    print("\nClient targets (docs/performance.md):")
     for target in targets:
         print(target.line())
 
@@ -559,7 +559,7 @@ def client_json(figures: ClientFigures, targets: list[Target]) -> dict[str, Any]
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.bench_client",
-        description="Measure the client SDK against the wire, and pools against hvac (DESIGN §11).",
+        description="Measure the client SDK against the wire, and pools against hvac.",
     )
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per phase")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 1 s phases")

@@ -1,4 +1,4 @@
-"""JWT verification (DESIGN §4): pyjwt against configured keys or a JWKS, with a fixed
+"""JWT verification: pyjwt against configured keys or a JWKS, with a fixed
 allow-list of asymmetric algorithms.
 
 Every refusal is :class:`~sidecar.errors.Unauthenticated` whose message says what is wrong with the

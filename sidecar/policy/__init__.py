@@ -1,4 +1,4 @@
-"""Deny-by-default policies: which caller may do which operation on which key (DESIGN §5).
+"""Deny-by-default policies: which caller may do which operation on which key.
 
 The modules, bottom up: ``vocabulary`` (operations, ``RuleError``), ``facts`` (what a caller
 proved), ``globs``, ``conditions`` (``when.*``, each one test that also says why it fails),

@@ -1,4 +1,4 @@
-"""Policy decisions (DESIGN §5), table-driven: deny wins, deny by default, every ``when`` key,
+"""Policy decisions, table-driven: deny wins, deny by default, every ``when`` key,
 globs, context bindings, max_ttl, rate limits with an injected clock, and explanations."""
 
 from __future__ import annotations
