@@ -221,3 +221,16 @@ async def test_head_on_health_answers_like_get_without_a_body(tmp_path: Path) ->
         async with s.client.head("/v1/sys/health") as head:
             assert head.status == got.status  # as Vault's health endpoint: HEAD is served
             assert await head.read() == b""
+
+
+def test_every_error_code_has_its_grpc_status() -> None:
+    """The KMS v2 provider's twin of the HTTP table: a new code can't silently become INTERNAL."""
+    from grpclib.const import Status
+
+    from sidecar.kms.provider import GRPC_STATUS_BY_CODE
+
+    http_only = {"unknown_path", "method_not_allowed"}  # routing; a gRPC call never meets them
+    missing = _server_codes() - http_only - set(GRPC_STATUS_BY_CODE)
+    assert not missing, f"codes without a gRPC status (they would answer INTERNAL): {missing}"
+    internal = {c for c, s in GRPC_STATUS_BY_CODE.items() if s is Status.INTERNAL}
+    assert internal == {"internal", "upstream_error"}
