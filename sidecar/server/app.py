@@ -252,6 +252,10 @@ ROUTES: tuple[Route | Unguarded, ...] = (
     Unguarded(("GET",), "/metrics", _metrics, "Prometheus scrapes it; counters only"),
 )
 
+#: The catch-all route, added after the table: a request no route takes gets its 404 or 405
+#: through the pipeline (authenticated, audited and counted under the operation ``none``).
+UNMATCHED = "/{path:.*}"
+
 #: Routes reachable without authentication or a policy check, by explicit choice.
 UNGUARDED = frozenset({"/v1/sys/health", "/metrics", "/v1/sys/seal-status", "/v1/sys/leader"})
 
@@ -263,10 +267,7 @@ def build_app(services: Services) -> web.Application:
     outside :data:`UNGUARDED` stops the build.
     """
     pipeline = Pipeline(services)
-    app = web.Application(
-        middlewares=[pipeline.middleware],
-        client_max_size=services.config.server.max_body_bytes,
-    )
+    app = web.Application(client_max_size=services.config.server.max_body_bytes)
     app[SERVICES] = services
     for route in ROUTES:
         if isinstance(route, Unguarded):
@@ -277,6 +278,7 @@ def build_app(services: Services) -> web.Application:
             handler = pipeline.serve(route)
         for method in route.methods:
             app.router.add_route(method, route.path, handler)
+    app.router.add_route("*", UNMATCHED, pipeline.unmatched)  # last: what no route takes
     return app
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import resource
 import socket
 import struct
@@ -65,6 +66,9 @@ LIMITS = (
     "header_timeout",
     "body_timeout",
 )
+
+
+IdleQueue = OrderedDict["BoundedRequestHandler", None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,8 +115,9 @@ class ConnectionBounds:
     def __init__(self, limits: ConnectionLimits) -> None:
         self.limits = limits
         self._by_uid: dict[int, set[BoundedRequestHandler]] = {}
-        #: Idle connections, longest idle first, per uid.
-        self._idle: dict[int, OrderedDict[BoundedRequestHandler, None]] = {}
+        #: Idle connections, longest idle first, per uid with open connections. Each handler
+        #: holds its uid's queue and marks itself idle or busy there, per request.
+        self._idle: dict[int, IdleQueue] = {}
         self.open = 0
         #: limit → times it bit
         self.limited: dict[str, int] = dict.fromkeys(LIMITS, 0)
@@ -135,33 +140,25 @@ class ConnectionBounds:
             self.bit("max_connections", uid)
             return False
         self._by_uid.setdefault(uid, set()).add(handler)
+        handler.idle_queue = self._idle.setdefault(uid, OrderedDict())
         self.open += 1
         return True
 
     def release(self, handler: BoundedRequestHandler) -> None:
-        mine = self._by_uid.get(handler.uid)
+        uid = handler.uid
+        mine = self._by_uid.get(uid)
         if mine is None or handler not in mine:
             return
         mine.discard(handler)
+        handler.idle_queue.pop(handler, None)
         if not mine:
-            del self._by_uid[handler.uid]
-        self.busy(handler)
+            del self._by_uid[uid], self._idle[uid]
         self.open -= 1
-
-    def idle(self, handler: BoundedRequestHandler) -> None:
-        """``handler`` waits for a request with nothing of it received: it may be closed."""
-        self._idle.setdefault(handler.uid, OrderedDict())[handler] = None
-
-    def busy(self, handler: BoundedRequestHandler) -> None:
-        idle = self._idle.get(handler.uid)
-        if idle is not None:
-            idle.pop(handler, None)
-            if not idle:
-                del self._idle[handler.uid]
 
     def _fullest_idle_uid(self) -> int | None:
         """The uid with the most open connections among those with an idle one."""
-        return max(self._idle, key=lambda uid: len(self._by_uid.get(uid, ())), default=None)
+        idle_uids = (uid for uid, idle in self._idle.items() if idle)
+        return max(idle_uids, key=lambda uid: len(self._by_uid[uid]), default=None)
 
     def _evict(self, uid: int | None, limit: str) -> bool:
         """Close the longest-idle connection of ``uid`` to make room; False if it has none."""
@@ -246,8 +243,15 @@ class BoundedRequestHandler(web.RequestHandler):
         super().__init__(manager, **kwargs)
         self.bounds = bounds
         self.uid = TCP
+        #: Its uid's idle connections, set when admitted (see :class:`ConnectionBounds`).
+        self.idle_queue: IdleQueue = OrderedDict()
         self._admitted = False
-        self._deadline: asyncio.TimerHandle | None = None
+        #: The pending read deadline: which limit, and when (loop time; ``inf``: none).
+        self._limit = "idle_timeout"
+        self._deadline_at = math.inf
+        #: One timer per connection, moved only when a deadline comes earlier than it.
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
         #: The body of the request being received, until it is complete.
         self._body: StreamReader | None = None
         #: Whether bytes of a request whose headers are not complete have arrived.
@@ -270,7 +274,9 @@ class BoundedRequestHandler(web.RequestHandler):
         if not self._admitted:
             return
         self._admitted = False
-        self._cancel_deadline()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self.bounds.release(self)
         super().connection_lost(exc)
 
@@ -285,7 +291,7 @@ class BoundedRequestHandler(web.RequestHandler):
         if self._request_count > parsed and self._messages:  # a request's headers are in
             self._unanswered += self._request_count - parsed
             self._in_headers = False
-            self.bounds.busy(self)
+            self.idle_queue.pop(self, None)  # busy
             body = self._messages[-1][1]
             self._body = None if body.is_eof() else body
             if self._body is None:
@@ -298,7 +304,7 @@ class BoundedRequestHandler(web.RequestHandler):
                 self._cancel_deadline()
         elif not self._in_headers:  # the first byte of a request: its headers are now due
             self._in_headers = True
-            self.bounds.busy(self)
+            self.idle_queue.pop(self, None)  # busy
             self._start_deadline("header_timeout", limits.header_timeout)
 
     def eof_received(self) -> bool:  # type: ignore[override]  # asyncio's contract: keep open
@@ -311,7 +317,7 @@ class BoundedRequestHandler(web.RequestHandler):
         return False
 
     def log_access(self, request: Any, response: Any, time: float | None) -> None:
-        super().log_access(request, response, time)
+        """A request was answered. (No access log: :class:`BoundedSite` serves without one.)"""
         self._unanswered = max(0, self._unanswered - 1)
         if self._admitted and not self._unanswered and self._body is None:
             self._waiting("idle_timeout")
@@ -343,20 +349,41 @@ class BoundedRequestHandler(web.RequestHandler):
     def _waiting(self, limit: str) -> None:
         """Nothing of a request has arrived: idle (evictable) until ``idle_timeout``."""
         self._in_headers = False
-        self.bounds.idle(self)
+        self.idle_queue[self] = None  # idle: evictable, after those idle longer
         self._start_deadline(limit, self.bounds.limits.idle_timeout)
 
     def _start_deadline(self, limit: str, seconds: float) -> None:
-        self._cancel_deadline()
-        self._deadline = self._loop.call_later(seconds, self._expired, limit)
+        """Close the connection ``seconds`` from now unless the deadline is cancelled or moved.
+
+        Requests move deadlines many times a second, so moving one only writes two attributes;
+        the timer is rescheduled when it fires early or a new deadline is earlier than it.
+        """
+        at = self._loop.time() + seconds
+        self._limit, self._deadline_at = limit, at
+        if at < self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._set_timer(at)
 
     def _cancel_deadline(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
+        self._deadline_at = math.inf  # the timer, when it fires, finds nothing due
+
+    def _set_timer(self, at: float) -> None:
+        self._timer_at = at
+        self._timer = self._loop.call_at(at, self._timer_fired)
+
+    def _timer_fired(self) -> None:
+        self._timer, self._timer_at = None, math.inf
+        at = self._deadline_at
+        if at == math.inf:
+            return
+        if self._loop.time() < at:  # the deadline moved on since the timer was set
+            self._set_timer(at)
+            return
+        self._deadline_at = math.inf
+        self._expired(self._limit)
 
     def _expired(self, limit: str) -> None:
-        self._deadline = None
         if limit == "idle_timeout" and self._unanswered:
             return  # a request is being handled; the deadline starts again after it
         self.bounds.bit(limit, self.uid)

@@ -2,7 +2,8 @@
 
 ``build_app`` wraps each guarded :class:`~sidecar.server.routes.Route` of the table once, with
 :meth:`Pipeline.serve`; requests that match no route take the same path with the operation
-``none`` (:meth:`Pipeline.middleware`). For one request:
+``none`` (:meth:`Pipeline.unmatched`, the table's last, catch-all route: no middleware runs on
+the hot path). For one request:
 
 1. **identify** the connection: its Unix peer credentials or verified client certificate, read
    when its first request arrives and kept for the connection's life (:class:`Connections`);
@@ -32,7 +33,6 @@ from typing import Any, NamedTuple
 
 from aiohttp import web
 from aiohttp.http_exceptions import PayloadEncodingError
-from aiohttp.typedefs import Middleware
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 
@@ -129,17 +129,10 @@ class Pipeline:
 
         return handler
 
-    @property
-    def middleware(self) -> Middleware:
-        """Answers requests that match no route (404, 405) through the same pipeline."""
-
-        @web.middleware
-        async def unmatched(request: web.Request, handler: Handler) -> web.StreamResponse:
-            if request.match_info.http_exception is None:
-                return await handler(request)
-            return await self._serve(request, None)
-
-        return unmatched
+    async def unmatched(self, request: web.Request) -> web.StreamResponse:
+        """The handler of the catch-all route: answers a request no other route takes (404, or
+        405 when its path is served with other methods) through the same pipeline."""
+        return await self._serve(request, None)
 
     async def _serve(self, request: web.Request, route: Route | None) -> web.StreamResponse:
         services = self.services
@@ -161,7 +154,7 @@ class Pipeline:
                 identity = await services.authenticator.identify(identity, _bearer(request))
                 # 3. handle
                 if route is None:
-                    raise request.match_info.http_exception  # type: ignore[misc]
+                    raise await _no_route(request)
                 call = HandlerCall(services, request, request_id, trace_id)
                 response, outcomes = await _handle(call, route, identity, path_key)
             except ClientClosed:
@@ -293,9 +286,28 @@ async def _handle(
     return data_response(call.request_id, {"batch_results": results}, status), outcomes
 
 
+async def _no_route(request: web.Request) -> web.HTTPException:
+    """404, or 405 naming the methods of the routes whose path matches (aiohttp's own
+    answers, which the catch-all route takes the place of)."""
+    catch_all = request.match_info.route.resource
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource is not catch_all:
+            allowed |= (await resource.resolve(request))[1]
+    if allowed:
+        return web.HTTPMethodNotAllowed(request.method, allowed)
+    return web.HTTPNotFound()
+
+
 async def _read(request: web.Request) -> bytes:
     """The whole body; :class:`ClientClosed` when the caller goes away before sending it."""
+    content = request.content
     try:
+        if content.is_eof():  # it has all arrived (a small request does): take it as is
+            body = content.read_nowait()
+            if len(body) > request.client_max_size:
+                raise web.HTTPRequestEntityTooLarge(request.client_max_size, len(body))
+            return body
         return await request.read()
     except ConnectionError as exc:  # aiohttp's "Connection lost" mid-body
         raise ClientClosed from exc

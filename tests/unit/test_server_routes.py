@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from sidecar.server.app import ROUTES, UNGUARDED, build_app
+from sidecar.server.app import ROUTES, UNGUARDED, UNMATCHED, build_app
 from sidecar.server.routes import Route, Unguarded
 from tests.unit.server_app import sidecar
 
@@ -39,8 +39,10 @@ async def test_every_served_path_is_declared_and_only_listed_ones_are_unguarded(
     async with sidecar(tmp_path) as s:
         app = build_app(s.services)
     declared = {route.path: route for route in ROUTES}
-    for resource in app.router.resources():
-        path = resource.canonical
+    *resources, catch_all = app.router.resources()
+    # last, or it would take requests meant for routes after it
+    assert catch_all.get_info()["pattern"].pattern == "/(?P<path>.*)", UNMATCHED
+    for path in (resource.canonical for resource in resources):
         assert path in declared, f"{path} is served but not in ROUTES"
         assert isinstance(declared[path], Route) or path in UNGUARDED, path
     assert {p for p, r in declared.items() if isinstance(r, Unguarded)} == UNGUARDED
