@@ -1,9 +1,12 @@
-"""Errors as HTTP: the one table from error code to status, and Vault's error body."""
+"""Errors as HTTP: the one table from error code to status, and Vault's error body; and the
+one JSON encoder of answers."""
 
 from __future__ import annotations
 
 import json
+from functools import partial
 
+import orjson
 from aiohttp import web
 
 from sidecar.errors import RateLimited, SidecarError
@@ -25,6 +28,23 @@ STATUS_BY_CODE: dict[str, int] = {
 }
 
 
+_orjson = partial(orjson.dumps, option=orjson.OPT_NON_STR_KEYS)
+_json = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def to_json(value: object) -> bytes:
+    """``value`` as compact JSON, for every answer.
+
+    orjson is several times faster than ``json`` (encoding was a tenth of a data key's server
+    time); what it refuses and ``json`` takes (an integer past 64 bits, echoed from a caller's
+    ``reference``) goes to ``json``.
+    """
+    try:
+        return _orjson(value)
+    except TypeError:
+        return _json(value).encode()
+
+
 def status_for(error: SidecarError) -> int:
     return STATUS_BY_CODE.get(error.code, 500)
 
@@ -39,7 +59,7 @@ def error_response(error: SidecarError, request_id: str) -> web.Response:
     if isinstance(error, RateLimited):
         headers["Retry-After"] = str(max(1, round(error.retry_after + 0.5)))
     return web.Response(
-        body=json.dumps(error_body(error, request_id)).encode(),
+        body=to_json(error_body(error, request_id)),
         status=status_for(error),
         content_type="application/json",
         headers=headers,

@@ -24,7 +24,6 @@ code, aiohttp's 404/405/413 mapped to ours, anything else ``internal`` (logged, 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -54,7 +53,7 @@ from sidecar.identity import ANONYMOUS, Identity
 from sidecar.policy import permission_denied
 from sidecar.policy.authorizer import AccessRequest
 from sidecar.server import fields
-from sidecar.server.errors import error_response, status_for
+from sidecar.server.errors import error_response, status_for, to_json
 from sidecar.server.peer import read_peer_credentials
 from sidecar.server.routes import Done, HandlerCall, Route
 from sidecar.server.services import Services
@@ -584,15 +583,13 @@ def _error_response(error: SidecarError, exc: Exception, request_id: str) -> web
 
 def data_response(request_id: str, data: Mapping[str, Any], status: int = 200) -> web.Response:
     """Vault's response envelope around ``data``."""
-    body = _ENVELOPE.format(request_id, _to_json(data))
-    return web.Response(body=body.encode(), status=status, content_type="application/json")
+    body = _ENVELOPE % (request_id.encode(), to_json(data))
+    return web.Response(body=body, status=status, content_type="application/json")
 
 
-#: One compact encoder, made once (``json.dumps`` with options builds a new one per call).
-_to_json = json.JSONEncoder(separators=(",", ":")).encode
 _ENVELOPE = (
-    '{{"request_id":"{}","lease_id":"","renewable":false,"lease_duration":0,"data":{},'
-    '"wrap_info":null,"warnings":null,"auth":null}}'
+    b'{"request_id":"%s","lease_id":"","renewable":false,"lease_duration":0,"data":%s,'
+    b'"wrap_info":null,"warnings":null,"auth":null}'
 )
 
 

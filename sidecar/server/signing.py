@@ -13,7 +13,6 @@ every batch route).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,6 +29,7 @@ from sidecar.keys.signing import (
 )
 from sidecar.policy.authorizer import AccessRequest
 from sidecar.server import fields
+from sidecar.server.errors import to_json
 from sidecar.server.hmac_routes import verify_hmac
 from sidecar.server.routes import WRITE, Done, HandlerCall, Route, key_name
 
@@ -135,7 +135,7 @@ async def _jwks(
 ) -> Done:
     jwks = await signer_for(call).jwks(key_name(access))
     response = web.Response(
-        body=json.dumps(jwks).encode(),
+        body=to_json(jwks),
         content_type="application/json",
         headers={"Cache-Control": "no-cache"},
     )
