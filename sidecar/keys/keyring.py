@@ -449,10 +449,11 @@ class Keyring:
         if state.revoked is not None:
             raise PermissionDenied()
         kek = state.live
-        if kek is None or not self._fresh(state, kek):
+        now = self._now()
+        if kek is None or not kek_policy.is_fresh(kek, state.config, state.latest_version, now):
             return None
         if (
-            kek_policy.prefetch_due(kek, self._now())
+            kek_policy.prefetch_due(kek, now)
             and state.next is None
             and ("next", kek.key_name) not in self._flights
         ):

@@ -81,7 +81,8 @@ def string_field(item: Mapping[str, Any], name: str) -> str:
 
 def context_field(item: Mapping[str, Any]) -> Mapping[str, str] | None:
     """``encryption_context``: an object of strings, each valid Unicode; ``None`` if absent."""
-    return envelope.check_context(item.get("encryption_context"))
+    context = item.get("encryption_context")
+    return None if context is None else envelope.check_context(context)
 
 
 _TTL_FORMAT = "Field 'ttl' must be seconds or a duration like '90s' or '5m'."
@@ -121,8 +122,11 @@ def integer_value(value: Any, name: str) -> int | None:
 
 def bits_field(item: Mapping[str, Any]) -> int:
     """``bits``: 128, 256 (the default) or 512."""
+    value = item.get("bits")
+    if value is None:
+        return 256
     try:
-        bits = integer_value(item.get("bits"), "bits")
+        bits = integer_value(value, "bits")
     except InvalidRequest:
         bits = -1  # refused below, in the one wording
     if bits is None:

@@ -16,7 +16,10 @@ from sidecar.server import fields
 
 def requested_key_version(item: Mapping[str, Any]) -> int | None:
     """The item's ``key_version``; ``None`` for absent or ``0`` (the latest)."""
-    version = fields.integer_value(item.get("key_version"), "key_version")
+    value = item.get("key_version")
+    if value is None:
+        return None
+    version = fields.integer_value(value, "key_version")
     return None if version == 0 else version
 
 
