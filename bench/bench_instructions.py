@@ -114,7 +114,10 @@ def _wait_ready(endpoint: Endpoint, path: str, server: subprocess.Popen[bytes]) 
 
 def _instrument(pid: int, state: str) -> None:
     subprocess.run(
-        ["callgrind_control", "-i", state, str(pid)], check=True, stdout=subprocess.DEVNULL
+        ["callgrind_control", "-i", state, str(pid)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
 
 
@@ -123,7 +126,7 @@ def _total_instructions(out: Path) -> int:
     total = 0
     for part in out.parent.glob(out.name + "*"):
         for line in part.read_text().splitlines():
-            if line.startswith("summary:"):
+            if line.startswith("totals:"):
                 total += int(line.split()[1])
     return total
 
