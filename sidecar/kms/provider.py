@@ -30,7 +30,6 @@ import asyncio
 import logging
 import time
 import uuid
-import weakref
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, NamedTuple, Protocol
@@ -57,9 +56,9 @@ from sidecar.keys.keyring import Keyring
 from sidecar.kms.v2 import api_pb2
 from sidecar.kms.v2.api_grpc import KeyManagementServiceBase
 from sidecar.policy.authorizer import AccessRequest
-from sidecar.server.peer import read_peer_credentials
 from sidecar.telemetry import Metrics, request_id_var
 from sidecar.tracing import tracer
+from sidecar.transport.identities import ConnectionIdentities
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +162,7 @@ class KmsV2Provider(KeyManagementServiceBase):
         self._metrics = metrics
         self._audit = audit
         self._tracing = tracing
-        self._connections: weakref.WeakKeyDictionary[Any, Identity] = weakref.WeakKeyDictionary()
+        self._connections = ConnectionIdentities()
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -314,14 +313,7 @@ class KmsV2Provider(KeyManagementServiceBase):
     async def _identify(self, stream: Stream[Any, Any]) -> Identity:
         """The caller's peer credentials, read once per connection, as the authenticator sees
         them (it drops them when ``auth.peercred`` is off)."""
-        transport = _transport(stream)
-        connection = self._connections.get(transport) if transport is not None else None
-        if connection is None:
-            sock = transport.get_extra_info("socket") if transport is not None else None
-            peer = read_peer_credentials(sock, connected_at=time.time()) if sock else None
-            connection = Identity(peer=peer)
-            if transport is not None:
-                self._connections[transport] = connection
+        connection = self._connections.identity(_transport(stream))
         return await self._authenticator.identify(connection, None)
 
     def _authorize(self, identity: Identity, operation: str) -> str:
@@ -373,7 +365,7 @@ class KmsV2Provider(KeyManagementServiceBase):
     def _close_connections(self) -> None:
         """Close the connections calls came on: grpclib's server stops listening and cancels its
         handlers, but leaves open connections to the event loop's end."""
-        for transport in list(self._connections):
+        for transport in self._connections.open_transports():
             transport.close()
 
 

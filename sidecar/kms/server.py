@@ -1,6 +1,6 @@
 """The KMS v2 provider's socket and gRPC server, in the daemon's event loop.
 
-The socket is made by the same :func:`~sidecar.server.listener.unix_listener` as the main one, so
+The socket is made by the same :func:`~sidecar.transport.listener.unix_listener` as the main one, so
 it has ``kms_v2.socket_mode`` from the first instant and is removed on exit; grpclib serves on that
 already-bound socket (grpcio's server binds its own and exposes no peer credentials, which the
 policy needs).
@@ -18,8 +18,8 @@ from sidecar.audit import AuditLog
 from sidecar.config import Config
 from sidecar.keys.keyring import Keyring
 from sidecar.kms.provider import Authenticator, Authorizer, KmsV2Provider, root_key_label
-from sidecar.server.listener import unix_listener
 from sidecar.telemetry import Metrics
+from sidecar.transport.listener import unix_listener
 
 log = logging.getLogger(__name__)
 

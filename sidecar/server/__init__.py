@@ -1,2 +1,3 @@
 """The HTTP face of the sidecar: the route table (``app``), the request pipeline (``pipeline``),
-listeners, and the daemon's wiring (``run``). See ``docs/architecture.md``."""
+bounded connections (``connections``), and the daemon's wiring (``run``); the sockets and what a
+connection proves are :mod:`sidecar.transport`'s. See ``docs/architecture.md``."""

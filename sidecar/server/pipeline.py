@@ -6,7 +6,8 @@
 the hot path). For one request:
 
 1. **identify** the connection: its Unix peer credentials or verified client certificate, read
-   when its first request arrives and kept for the connection's life (:class:`Connections`);
+   when its first request arrives and kept for the connection's life
+   (:class:`~sidecar.transport.identities.ConnectionIdentities`);
 2. **authenticate**: add what a bearer token proves (``Authenticator.identify``; 401 if bad);
 3. **handle**: refuse ``X-Vault-Wrap-TTL``, read the body, then decide each item — the request,
    or each item of a ``batch_input`` — on its own (:func:`_decide`): read its scope, authorize
@@ -54,12 +55,11 @@ from sidecar.policy import permission_denied
 from sidecar.policy.authorizer import AccessRequest
 from sidecar.server import fields
 from sidecar.server.errors import error_response, status_for, to_json
-from sidecar.server.peer import read_peer_credentials
 from sidecar.server.routes import Done, HandlerCall, Route
 from sidecar.server.services import Services
-from sidecar.server.tls import tls_peer
 from sidecar.telemetry import request_id_var, trace_id_hex
 from sidecar.tracing import tracer
+from sidecar.transport.identities import ConnectionIdentities
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ class Pipeline:
 
     def __init__(self, services: Services) -> None:
         self.services = services
-        self.connections = Connections()
+        self.connections = ConnectionIdentities()
 
     def serve(self, route: Route) -> Handler:
         """The aiohttp handler of ``route``: the whole pipeline around its item handler."""
@@ -185,49 +185,6 @@ class Pipeline:
                 _end_span(span, request_id, operation, path_key, identity, outcomes)
                 otel_context.detach(span_token)
             request_id_var.reset(log_token)
-
-
-# -- 1. identify the connection ------------------------------------------------------------
-
-
-class Connections:
-    """The identity each open connection proved, read once when its first request arrives.
-
-    Keyed by the transport object in a plain dict (uvloop's transports take no weak references);
-    entries of closed transports are dropped whenever the dict has doubled since the last sweep,
-    so it stays within twice the number of open connections and a lookup stays one dict get.
-    """
-
-    _MIN_SWEEP = 64
-
-    def __init__(self) -> None:
-        self._known: dict[Any, Identity] = {}
-        self._sweep_at = self._MIN_SWEEP
-
-    def identity(self, transport: Any) -> Identity:
-        if transport is None:  # the connection is already gone
-            return ANONYMOUS
-        known = self._known.get(transport)
-        if known is not None:
-            return known
-        identity = _connection_identity(transport)
-        if len(self._known) >= self._sweep_at:
-            self._known = {t: i for t, i in self._known.items() if not t.is_closing()}
-            self._sweep_at = max(self._MIN_SWEEP, 2 * len(self._known))
-        self._known[transport] = identity
-        return identity
-
-    def __len__(self) -> int:
-        return len(self._known)
-
-
-def _connection_identity(transport: Any) -> Identity:
-    """What the connection itself proves: Unix peer credentials, or a verified client cert."""
-    ssl_object = transport.get_extra_info("ssl_object")
-    if ssl_object is not None:
-        return Identity(tls=tls_peer(ssl_object))
-    sock = transport.get_extra_info("socket")
-    return Identity(peer=read_peer_credentials(sock, connected_at=time.time()) if sock else None)
 
 
 # -- 2. authenticate -----------------------------------------------------------------------

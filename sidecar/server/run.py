@@ -34,11 +34,11 @@ from sidecar.server.connections import (
 )
 from sidecar.server.eventloop import loop_name, loop_runner
 from sidecar.server.list_verb import ListVerbRequestHandler
-from sidecar.server.listener import unix_listener
 from sidecar.server.services import Services
 from sidecar.server.socket_access import check_config_sockets, describe_socket_access
-from sidecar.server.tls import ServerTls
 from sidecar.telemetry import Metrics, install_tracer_provider
+from sidecar.transport.listener import unix_listener
+from sidecar.transport.tls import ServerTls
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from sidecar.cli import dev_policy
 from sidecar.devserver import DevOpenBao, find_bao
 from sidecar.errors import ConfigError
 from sidecar.server.app import ROUTES
-from sidecar.server.listener import SocketInUse, unix_listener
 from sidecar.server.routes import Unguarded
+from sidecar.transport.listener import SocketInUse, unix_listener
 from tests.conftest import killed_on_exit, request, sidecar_config, sidecar_process, wait_for
 from tests.integration.conftest import TOKEN_ENV, vault_sections
 

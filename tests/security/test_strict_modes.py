@@ -16,8 +16,8 @@ import pytest
 from sidecar.backends.memory import MemoryBackend
 from sidecar.devmode import private_directory
 from sidecar.errors import ConfigError
-from sidecar.server.listener import unix_listener
 from sidecar.strict_modes import check_directory, tighten_file
+from sidecar.transport.listener import unix_listener
 from tests.conftest import RunningSidecar, sidecar_config
 
 STRANGER = 54321  # a uid no test process runs as

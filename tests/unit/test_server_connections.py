@@ -19,9 +19,9 @@ import pytest
 from aiohttp import web
 
 from sidecar.backends.memory import MemoryBackend
-from sidecar.server.pipeline import Connections
 from sidecar.server.run import build_services, make_app
-from sidecar.server.tls import ServerTls
+from sidecar.transport.identities import ConnectionIdentities
+from sidecar.transport.tls import ServerTls
 from tests.conftest import UnixHTTPConnection, sidecar_config
 from tests.security.test_callers import TlsFiles
 from tests.security.test_callers import tls_files as tls_files  # the fixture
@@ -41,7 +41,7 @@ class FakeTransport:
 
 
 def test_identities_of_closed_connections_are_swept() -> None:
-    connections = Connections()
+    connections = ConnectionIdentities()
     transports = [FakeTransport() for _ in range(64)]
     for transport in transports:
         connections.identity(transport)
@@ -49,8 +49,12 @@ def test_identities_of_closed_connections_are_swept() -> None:
     assert connections.identity(transports[0]) is connections.identity(transports[0])
     for transport in transports[1:]:
         transport.closing = True
-    connections.identity(FakeTransport())  # the 65th: sweeps the 63 closed ones
+    newest = FakeTransport()
+    connections.identity(newest)  # the 65th: sweeps the 63 closed ones
     assert len(connections) == 2
+    assert connections.open_transports() == [transports[0], newest]
+    newest.closing = True
+    assert connections.open_transports() == [transports[0]]
     assert connections.identity(None).kind == "anonymous"
 
 
