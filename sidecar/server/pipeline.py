@@ -187,6 +187,9 @@ class Pipeline:
             request_id_var.reset(log_token)
 
 
+# -- 1. identify the connection: ConnectionIdentities, in sidecar.transport.identities ------
+
+
 # -- 2. authenticate -----------------------------------------------------------------------
 
 
@@ -502,7 +505,9 @@ def _span_facts(
 
 def _incoming_trace_id(request: web.Request) -> str | None:
     """The trace id of a valid W3C ``traceparent``, so audit records join the caller's trace."""
-    header = request.headers.get("traceparent", "")
+    header = request.headers.get("traceparent")
+    if not header:
+        return None
     parts = header.split("-")
     if len(parts) == 4 and len(parts[1]) == 32 and parts[1] != "0" * 32:
         try:
@@ -552,8 +557,8 @@ _ENVELOPE = (
 
 def new_request_id() -> str:
     """A random UUID (version 4), formatted without the ``uuid`` module's overhead."""
-    h = os.urandom(16).hex()
-    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
-
-
-_VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
+    raw = bytearray(os.urandom(16))
+    raw[6] = raw[6] & 0x0F | 0x40  # version 4
+    raw[8] = raw[8] & 0x3F | 0x80  # RFC 4122 variant
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
