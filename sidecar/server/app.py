@@ -254,7 +254,8 @@ ROUTES: tuple[Route | Unguarded, ...] = (
 
 #: The catch-all route, added after the table: a request no route takes gets its 404 or 405
 #: through the pipeline (authenticated, audited and counted under the operation ``none``).
-UNMATCHED = "/{path:.*}"
+#: ``[\s\S]``, not ``.``: a path may hold a decoded newline (``%0A``).
+UNMATCHED = r"/{path:[\s\S]*}"
 
 #: Routes reachable without authentication or a policy check, by explicit choice.
 UNGUARDED = frozenset({"/v1/sys/health", "/metrics", "/v1/sys/seal-status", "/v1/sys/leader"})

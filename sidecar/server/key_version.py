@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from sidecar.errors import InvalidRequest
+from sidecar.errors import InvalidRequest, quoted
+from sidecar.keys.envelope import MAX_ROOT_VERSION
 from sidecar.server import fields
 
 
@@ -27,11 +28,12 @@ def check_key_version(requested: int | None, used: int) -> None:
     """Refuse an answer sealed under ``used`` when the caller asked for another version."""
     if requested is None or requested == used:
         return
+    shown = str(requested) if requested <= MAX_ROOT_VERSION else quoted(requested)
     if requested > used:
         raise InvalidRequest(
-            f"Field 'key_version' is {requested}, higher than the latest version {used}."
+            f"Field 'key_version' is {shown}, higher than the latest version {used}."
         )
     raise InvalidRequest(
-        f"Field 'key_version' is {requested}; this sidecar seals under the latest version "
+        f"Field 'key_version' is {shown}; this sidecar seals under the latest version "
         f"({used}) only: omit key_version, or rewrap later."
     )

@@ -70,12 +70,16 @@ async def test_unknown_path_wrong_method_and_big_body_are_vault_shaped(tmp_path:
             assert answer.status == 405
             assert answer.headers["Allow"] == "POST, PUT"
             assert (await answer.json())["code"] == "method_not_allowed"
+        async with s.client.get("/v1/transit/datakey/plaintext/%0A") as answer:  # a newline
+            assert answer.status == 405
+            assert (await answer.json())["code"] == "method_not_allowed"
         status, body = await s.call("POST", DATAKEY, {"pad": "x" * 2000})
         assert (status, body["code"]) == (413, "payload_too_large")
         assert "1024 bytes" in body["errors"][0]
         records = s.records()
     assert [(r["operation"], r["error_code"]) for r in records] == [
         ("none", "unknown_path"),
+        ("none", "method_not_allowed"),
         ("none", "method_not_allowed"),
         ("datakey", "payload_too_large"),
     ]

@@ -75,3 +75,6 @@ def test_key_version_other_than_the_latest_is_refused() -> None:
     for version, words in ((4, "higher"), (2, r"latest version \(3\) only")):
         with pytest.raises(InvalidRequest, match=words):
             check_key_version(version, 3)
+    with pytest.raises(InvalidRequest) as refused:  # a caller's huge number is not echoed whole
+        check_key_version(10**300, 3)
+    assert "higher" in refused.value.message and len(refused.value.message) < 120
