@@ -71,7 +71,8 @@ HIGH_CONCURRENCY = 64
 
 
 class ServerProcess:
-    """A server subprocess pinned to the server core, stopped with SIGTERM."""
+    """A server subprocess pinned to the server core, stopped with SIGTERM. It runs in ``tree``
+    (a checkout; this one by default), so ``python -m sidecar`` is that checkout's."""
 
     def __init__(
         self,
@@ -80,12 +81,14 @@ class ServerProcess:
         log_path: Path,
         cores: Cores,
         env: dict[str, str] | None = None,
+        tree: Path = REPO_ROOT,
     ) -> None:
         self.name = name
         self.argv = argv
         self.log_path = log_path
         self.cores = cores
-        self.env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})}
+        self.tree = tree
+        self.env = {**os.environ, "PYTHONPATH": str(tree), **(env or {})}
         self.process: subprocess.Popen[bytes] | None = None
         self.spawned_at = 0.0
 
@@ -102,7 +105,7 @@ class ServerProcess:
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                cwd=REPO_ROOT,
+                cwd=self.tree,
                 env=self.env,
                 preexec_fn=self.cores.pin_child(),  # the bench is single-threaded when it spawns
             )
@@ -204,6 +207,7 @@ class Sidecar(ServerProcess):
         *,
         rules: int = 1,
         audit: bool = False,
+        tree: Path = REPO_ROOT,
     ) -> None:
         socket_path = str(workdir / f"sidecar-{tag}.sock")
         config = sidecar_config(workdir, socket_path, bao_address, rules=rules, audit=audit)
@@ -213,6 +217,7 @@ class Sidecar(ServerProcess):
             workdir / f"sidecar-{tag}.log",
             cores,
             {TOKEN_ENV: token, "KMS_AUDIT_HMAC_KEY": "ab" * 32},
+            tree,
         )
         self.endpoint = Endpoint(unix_path=socket_path)
 

@@ -28,18 +28,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from bench.bench import DATAKEY_PATH, KEY_NAME, REPO_ROOT, TOKEN_ENV, sidecar_config
+from bench.bench import (
+    DATAKEY_PATH,
+    KEY_NAME,
+    REPO_ROOT,
+    ServerProcess,
+    Sidecar,
+    bench_server_argv,
+)
 from bench.loadgen import Endpoint, build_request, fetch, run_load
-from bench.machine import BenchError
+from bench.machine import BenchError, Cores
+
+#: Counting instructions needs no pinning (nor two cores).
+UNPINNED = Cores(None, None)
 
 CONNECTIONS = 16
 WARMUP = 200
@@ -49,35 +56,26 @@ PHASES = (("datakey", 1, False), ("batch", BATCH, False), ("audit", 1, True))
 
 
 def counted(
-    argv: list[str],
-    cwd: Path,
-    env: dict[str, str],
+    server: ServerProcess,
     endpoint: Endpoint,
     request: bytes,
     requests: int,
-    workdir: Path,
     ready_path: str,
 ) -> float:
-    """Instructions per request of the server ``argv`` over ``requests`` requests."""
-    out = workdir / "callgrind.out"
-    log = (workdir / "server.log").open("wb")
-    server = subprocess.Popen(
-        [
-            "valgrind",
-            "--tool=callgrind",
-            "--instr-atstart=no",
-            f"--callgrind-out-file={out}",
-            *argv,
-        ],
-        cwd=cwd,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    """Instructions per request of ``server`` (its argv run under callgrind) over ``requests``."""
+    out = server.log_path.with_name("callgrind.out")
+    server.argv = [
+        "valgrind",
+        "--tool=callgrind",
+        "--instr-atstart=no",
+        f"--callgrind-out-file={out}",
+        *server.argv,
+    ]
+    server.start()
     try:
-        _wait_ready(endpoint, ready_path, server)
+        server.wait_ready(endpoint, ready_path, timeout=120)  # Python starts slowly under valgrind
         asyncio.run(run_load(endpoint, request, connections=CONNECTIONS, requests=WARMUP, warmup=0))
-        _instrument(server.pid, "on")
+        _callgrind(server.pid, "--instr=on")
         result = asyncio.run(
             run_load(
                 endpoint,
@@ -88,33 +86,18 @@ def counted(
                 drain_timeout=600,
             )
         )
-        _instrument(server.pid, "off")
+        _callgrind(server.pid, "--instr=off")
+        _callgrind(server.pid, "--dump")  # the counts are on disk however the server then ends
     finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(120)
-        log.close()
+        server.stop()
     if result.errors:
         raise BenchError(f"{result.errors} of {requests} requests failed: {result.first_error}")
     return _total_instructions(out) / result.completed
 
 
-def _wait_ready(endpoint: Endpoint, path: str, server: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 120  # a Python start under valgrind takes a while
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise BenchError(f"the server exited with {server.returncode} before it was ready")
-        try:
-            if fetch(endpoint, "GET", path, timeout=30)[0] == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise BenchError("the server was not ready within 120 s")
-
-
-def _instrument(pid: int, state: str) -> None:
+def _callgrind(pid: int, command: str) -> None:
     subprocess.run(
-        ["callgrind_control", "-i", state, str(pid)],
+        ["callgrind_control", command, str(pid)],
         check=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -139,39 +122,23 @@ def measure_tree(
     for phase, items, audit in PHASES:
         phase_dir = workdir / phase
         phase_dir.mkdir()
-        socket_path = str(phase_dir / "s.sock")
-        config = sidecar_config(phase_dir, socket_path, bao_address, audit=audit)
+        sidecar = Sidecar(phase_dir, bao_address, token, UNPINNED, phase, audit=audit, tree=tree)
         body = json.dumps({"batch_input": [{}] * items}).encode() if items > 1 else b"{}"
-        env = {**os.environ, TOKEN_ENV: token, "KMS_AUDIT_HMAC_KEY": "ab" * 32}
+        request = build_request("POST", DATAKEY_PATH, body)
         per_request = counted(
-            [sys.executable, "-m", "sidecar", "run", "--config", str(config)],
-            tree,
-            env,
-            Endpoint(unix_path=socket_path),
-            build_request("POST", DATAKEY_PATH, body),
-            max(20, requests // items),
-            phase_dir,
-            "/v1/sys/health",
+            sidecar, sidecar.endpoint, request, max(20, requests // items), "/v1/sys/health"
         )
         figures[phase] = per_request / items
     return figures
 
 
 def measure_bare(requests: int, workdir: Path) -> float:
-    bare_dir = workdir / "bare"
-    bare_dir.mkdir()
-    socket_path = str(bare_dir / "bare.sock")
-    argv = [sys.executable, "-m", "bench.bench", "--serve", "bare", "--socket", socket_path]
-    return counted(
-        argv,
-        REPO_ROOT,
-        dict(os.environ),
-        Endpoint(unix_path=socket_path),
-        build_request("POST", DATAKEY_PATH, b"{}"),
-        requests,
-        bare_dir,
-        "/",
+    path = str(workdir / "bare.sock")
+    server = ServerProcess(
+        "bare aiohttp", bench_server_argv("bare", path), workdir / "bare.log", UNPINNED
     )
+    request = build_request("POST", DATAKEY_PATH, b"{}")
+    return counted(server, Endpoint(unix_path=path), request, requests, "/")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,7 +46,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from sidecar.config import ServerConfig, tcp_host_port
-from sidecar.errors import InvalidRequest, PayloadTooLarge
+from sidecar.errors import InvalidRequest, PayloadTooLarge, SidecarError
 from sidecar.server.errors import error_response
 from sidecar.server.pipeline import new_request_id
 
@@ -340,9 +340,7 @@ class BoundedRequestHandler(web.RequestHandler):
             if status == 413
             else InvalidRequest("The request is not valid HTTP/1.1 that this server accepts.")
         )
-        response = error_response(error, new_request_id())
-        response.force_close()
-        return response
+        return closing_error_response(error)
 
     # -- deadlines ---------------------------------------------------------------------------
 
@@ -396,6 +394,14 @@ class BoundedRequestHandler(web.RequestHandler):
         transport = self.transport
         if transport is not None:
             transport.close()
+
+
+def closing_error_response(error: SidecarError) -> web.Response:
+    """Vault's error body for bytes that were no request we can answer, closing the connection
+    after it (the parser cannot find where the next request would start)."""
+    response = error_response(error, new_request_id())
+    response.force_close()
+    return response
 
 
 def _who(uid: int) -> str:

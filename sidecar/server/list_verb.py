@@ -18,9 +18,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMethod
 
 from sidecar.errors import InvalidRequest
-from sidecar.server.connections import BoundedRequestHandler
-from sidecar.server.errors import error_response
-from sidecar.server.pipeline import new_request_id
+from sidecar.server.connections import BoundedRequestHandler, closing_error_response
 
 _LIST = b"LIST "
 
@@ -62,6 +60,4 @@ class ListVerbRequestHandler(BoundedRequestHandler):
             "The LIST method could not be read here; send GET with ?list=true instead "
             "(hvac: hvac.Client(..., strict_http=True))."
         )
-        response = error_response(error, new_request_id())
-        response.force_close()
-        return response
+        return closing_error_response(error)
